@@ -1,0 +1,25 @@
+"""Analyze a trained SAE's features on held-out text and write the dashboard.
+
+    python analyze.py run_dir=runs/demo
+    python analyze.py run_dir=runs/demo analyze.tokens=200000 analyze.top_k=20
+    python analyze.py run_dir=runs/demo +data.path=other.jsonl     # analyse another corpus's held-out rows
+
+Writes <run_dir>/analysis/features.{safetensors,json} and <run_dir>/dashboard.html.
+"""
+
+import hydra
+
+from sae.config import AnalyzeJob, register_configs, to_dataclass
+from sae.pipeline import run_analysis
+
+register_configs()
+
+
+@hydra.main(config_path="conf", config_name="analyze", version_base="1.3")
+def main(cfg) -> None:
+    path = run_analysis(to_dataclass(cfg, AnalyzeJob))
+    print(f"dashboard: {path}")
+
+
+if __name__ == "__main__":
+    main()

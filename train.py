@@ -1,0 +1,35 @@
+"""Harvest activations, train a sparse autoencoder, evaluate it on held-out text, analyze its features.
+
+    python train.py                                   # SmolLM2-135M, block 15, Wikipedia sample (offline)
+    python train.py model.layer=12 sae.k=64 sae.expansion_factor=32
+    python train.py model=gpt2 data=hub                # hub model + streamed hub dataset (needs network)
+    python train.py data=files data.path='corpus/*.jsonl'
+    python train.py -m sae.k=16,32,64                  # a sweep: one run directory per k
+    python train.py wandb.mode=online                  # offline (default), online or disabled
+
+Writes `run_dir` (default runs/<model>-<layer>-<arch>-k<k>-x<expansion>): sae.safetensors, cfg.json,
+run.json, metrics.json, checkpoint/, wandb/, analysis/ and dashboard.html.
+"""
+
+import json
+
+import hydra
+
+from sae.config import TrainJob, register_configs, to_dataclass
+from sae.pipeline import run_training
+
+register_configs()
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg) -> None:
+    job = to_dataclass(cfg, TrainJob)
+    metrics = run_training(job)
+    print(json.dumps(metrics, indent=2))
+    print(f"run directory: {job.run_dir}")
+    if job.do_analyze:
+        print(f"dashboard: {job.run_dir}/dashboard.html")
+
+
+if __name__ == "__main__":
+    main()
