@@ -109,7 +109,11 @@ def token_strings(tokenizer) -> list[str]:
 
 
 def save_analysis(
-    stats: FeatureStats, run_dir: str | Path, tokenizer, meta: dict, lens: tuple[torch.Tensor, ...] | None = None
+    stats: FeatureStats,
+    run_dir: str | Path,
+    tokenizer,
+    meta: dict,
+    lens: tuple[torch.Tensor, ...] | None = None,
 ) -> Path:
     """Writes `analysis/features.safetensors` and `analysis/features.json` (the dashboard's input)."""
     out = Path(run_dir) / "analysis"
@@ -143,8 +147,12 @@ def save_analysis(
             "mean_act": round(tensors["mean_act"][f].item(), 4), "examples": examples,
         }  # fmt: skip
         if lens is not None:
-            feature["top_logits"] = [[vocab[i], round(v, 3)] for v, i in zip(lens[0][f].tolist(), lens[1][f].tolist())]
-            feature["bottom_logits"] = [[vocab[i], round(v, 3)] for v, i in zip(lens[2][f].tolist(), lens[3][f].tolist())]
+            feature["top_logits"] = [
+                [vocab[i], round(v, 3)] for v, i in zip(lens[0][f].tolist(), lens[1][f].tolist())
+            ]
+            feature["bottom_logits"] = [
+                [vocab[i], round(v, 3)] for v, i in zip(lens[2][f].tolist(), lens[3][f].tolist())
+            ]
         features.append(feature)
     meta = meta | {"n_tokens": stats.tokens, "window": [stats.cfg.window_before, stats.cfg.window_after]}
     atomic_write_text(out / "features.json", json.dumps(meta | {"features": features}))

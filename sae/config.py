@@ -33,6 +33,8 @@ class ModelConfig:
     """Exact module path to hook instead (`model.layers.9`) or an alias (`resid.9`)."""
     dtype: str = "auto"
     """Model compute dtype: auto picks bfloat16 where the hardware runs it fast, else float32."""
+    max_norm_ratio: float = 10.0
+    """Skip tokens whose activation norm exceeds this multiple of the batch's median norm (0: keep all)."""
     batch_size: int = 32
     """Contexts per model forward pass."""
     device: str = "auto"
@@ -42,6 +44,7 @@ class ModelConfig:
         _check(self.dtype in DTYPES, f"model.dtype={self.dtype!r} is not one of {DTYPES}")
         _check(self.layer >= 0, f"model.layer={self.layer} must be >= 0")
         _check(self.batch_size > 0, f"model.batch_size={self.batch_size} must be > 0")
+        _check(self.max_norm_ratio >= 0, f"model.max_norm_ratio={self.max_norm_ratio} must be >= 0")
 
 
 @dataclass

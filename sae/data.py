@@ -111,7 +111,9 @@ def load_rows(cfg: DataConfig):
             )
         builder = _BUILDERS[suffixes.pop()]
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        ds = datasets.load_dataset(builder, data_files=files, split="train", streaming=cfg.streaming, **kwargs)
+        ds = datasets.load_dataset(
+            builder, data_files=files, split="train", streaming=cfg.streaming, **kwargs
+        )
     elif os.path.isdir(path) or not looks_local:
         ds = datasets.load_dataset(path, cfg.name, split=cfg.split, streaming=cfg.streaming)
     else:
@@ -121,7 +123,9 @@ def load_rows(cfg: DataConfig):
         )
     columns = ds.column_names
     if columns is not None and cfg.text_column not in columns:
-        raise ValueError(f"data.text_column={cfg.text_column!r} is not a column of {cfg.path!r}; columns: {columns}")
+        raise ValueError(
+            f"data.text_column={cfg.text_column!r} is not a column of {cfg.path!r}; columns: {columns}"
+        )
     return ds
 
 
@@ -138,7 +142,9 @@ def bos_eos(tokenizer) -> tuple[int, int]:
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else bos
     if bos is None:
-        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has neither a BOS nor an EOS token to pack with")
+        raise ValueError(
+            f"tokenizer {tokenizer.name_or_path!r} has neither a BOS nor an EOS token to pack with"
+        )
     return bos, eos
 
 
@@ -156,9 +162,7 @@ class Contexts:
     """True where the token is real text (not a special token): the positions to train on and analyse."""
 
 
-def packed_contexts(
-    cfg: DataConfig, tokenizer, split: str, batch_size: int, rows=None
-) -> Iterator[Contexts]:
+def packed_contexts(cfg: DataConfig, tokenizer, split: str, batch_size: int, rows=None) -> Iterator[Contexts]:
     """Yields batches of `batch_size` packed contexts from the `split` ('train' or 'test') rows.
 
     `rows` overrides `load_rows(cfg)` (tests pass lists of dicts). The last partial batch is dropped so

@@ -192,16 +192,38 @@ def capture(model: nn.Module, names: list[str], ids: torch.Tensor) -> dict[str, 
     return out
 
 
+def keep_rows(x: torch.Tensor, max_norm_ratio: float) -> torch.Tensor:
+    """[B] mask of the activations x [B, D] to use: all but those whose norm exceeds `max_norm_ratio` times
+    the median norm (0 keeps all).
+
+    Llama-family models park a few tokens at norms 50-150x the typical one ("massive activations", Sun et
+    al. 2024), mostly attention sinks at the start of a context. A single one carries the variance of
+    thousands of ordinary tokens, so left in, it dominates both the training loss and FVU.
+    """
+    if max_norm_ratio <= 0 or len(x) == 0:
+        return torch.ones(len(x), dtype=torch.bool, device=x.device)
+    norms = x.float().norm(dim=-1)
+    return norms <= max_norm_ratio * norms.median()
+
+
 def activations(
-    model: nn.Module, name: str, contexts: Iterable[Contexts], max_tokens: int | None = None
-) -> Iterator[tuple[torch.Tensor, Contexts]]:
-    """Yields (acts [B, D] float32 of unmasked tokens, the contexts they came from) until `max_tokens`."""
+    model: nn.Module, name: str, contexts: Iterable[Contexts], max_tokens: int | None = None,
+    max_norm_ratio: float = 0.0,
+) -> Iterator[tuple[torch.Tensor, Contexts, torch.Tensor]]:  # fmt: skip
+    """Yields (acts [B, D] float32, the contexts, used [N, T]) until `max_tokens` tokens were yielded.
+
+    `used` marks the positions the B activations came from: text tokens (`Contexts.mask`) that `keep_rows`
+    keeps.
+    """
     seen = 0
     for batch in contexts:
         acts = capture(model, [name], batch.ids)[name]  # [N, T, D]
-        x = acts[batch.mask.to(acts.device)].float()  # [B, D]
-        yield x, batch
-        seen += x.shape[0]
+        used = batch.mask.to(acts.device).clone()
+        x = acts[used].float()  # [B, D]
+        keep = keep_rows(x, max_norm_ratio)
+        used[used.clone()] = keep
+        yield x[keep], batch, used.cpu()
+        seen += int(keep.sum())
         if max_tokens is not None and seen >= max_tokens:
             return
 
@@ -233,7 +255,9 @@ def shuffled(
         yield from buf[: len(buf) // batch_size * batch_size].split(batch_size)
 
 
-def epochs(x: torch.Tensor, batch_size: int, tokens: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+def epochs(
+    x: torch.Tensor, batch_size: int, tokens: int, generator: torch.Generator
+) -> Iterator[torch.Tensor]:
     """Shuffled [batch_size, D] batches drawn from in-memory tokens x [B, D], pass after pass, until `tokens`."""
     if len(x) < batch_size:
         raise ValueError(f"only {len(x)} tokens were harvested, fewer than one batch of {batch_size}")

@@ -51,7 +51,9 @@ class SAE(nn.Module):
     def __init__(self, d_in: int, d_sae: int, k: int, seed: int = 0):
         super().__init__()
         if not 0 < k < d_sae:
-            raise ValueError(f"sae.k={k} must be between 1 and the number of latents d_sae={d_sae} (exclusive)")
+            raise ValueError(
+                f"sae.k={k} must be between 1 and the number of latents d_sae={d_sae} (exclusive)"
+            )
         self.d_in, self.d_sae, self.k = d_in, d_sae, k
         g = torch.Generator().manual_seed(seed)
         W_dec = torch.randn(d_sae, d_in, generator=g)
@@ -73,7 +75,9 @@ class SAE(nn.Module):
 
     def decode(self, code: Code) -> torch.Tensor:
         """sum_k acts[:, k] * W_dec[idx[:, k]] + b_dec: Code -> [B, D]."""
-        x = F.embedding_bag(code.idx, self.W_dec, per_sample_weights=code.acts.to(self.W_dec.dtype), mode="sum")
+        x = F.embedding_bag(
+            code.idx, self.W_dec, per_sample_weights=code.acts.to(self.W_dec.dtype), mode="sum"
+        )
         return x + self.b_dec
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
@@ -120,7 +124,9 @@ class SAE(nn.Module):
         path = Path(path)
         for name in (WEIGHTS, CONFIG):
             if not (path / name).exists():
-                raise FileNotFoundError(f"{path / name} does not exist: is {str(path)!r} an SAE run directory?")
+                raise FileNotFoundError(
+                    f"{path / name} does not exist: is {str(path)!r} an SAE run directory?"
+                )
         cfg = json.loads((path / CONFIG).read_text())
         sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"])
         sae.load_state_dict(load_file(str(path / WEIGHTS)))

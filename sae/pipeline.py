@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from sae import analyze as an
 from sae import dashboard, harvest
-from sae.config import AnalyzeJob, DataConfig, TrainJob, from_dict
+from sae.config import AnalyzeJob, DataConfig, ModelConfig, TrainJob, from_dict
 from sae.data import Contexts, atomic_write_text, packed_contexts
 from sae.metrics import firing_counts, next_token_loss
 from sae.model import SAE
@@ -34,11 +34,13 @@ def _check_width(cfg: TrainJob, d_in: int) -> None:
         )
 
 
-def harvest_in_memory(model, module: str, contexts: Iterator[Contexts], max_tokens: int) -> torch.Tensor:
+def harvest_in_memory(
+    model, module: str, contexts: Iterator[Contexts], max_tokens: int, max_norm_ratio: float
+) -> torch.Tensor:
     """Harvests up to `max_tokens` activations into one [B, D] tensor (fewer if the data runs out)."""
     chunks, total = [], 0
     with tqdm(total=max_tokens, desc="harvest", unit="tok", unit_scale=True) as bar:
-        for x, _ in harvest.activations(model, module, contexts, max_tokens):
+        for x, _, _ in harvest.activations(model, module, contexts, max_tokens, max_norm_ratio):
             x = x[: max_tokens - total].cpu()
             chunks.append(x)
             total += len(x)
@@ -49,64 +51,84 @@ def harvest_in_memory(model, module: str, contexts: Iterator[Contexts], max_toke
 def _streamed(cfg: TrainJob, model, tokenizer, module: str) -> Iterator[torch.Tensor]:
     """Activations harvested on the fly through the shuffle buffer, passing over the corpus repeatedly."""
     g = torch.Generator().manual_seed(cfg.train.seed)
-    passes = (
-        x for _ in itertools.count()
-        for x, _ in harvest.activations(model, module, packed_contexts(cfg.data, tokenizer, "train", cfg.model.batch_size))
-    )  # fmt: skip
-    return harvest.shuffled(passes, cfg.train.buffer_tokens, cfg.train.batch_size, g)
+
+    def passes() -> Iterator[torch.Tensor]:
+        for _ in itertools.count():
+            contexts = packed_contexts(cfg.data, tokenizer, "train", cfg.model.batch_size)
+            for x, _, _ in harvest.activations(
+                model, module, contexts, max_norm_ratio=cfg.model.max_norm_ratio
+            ):
+                yield x
+
+    return harvest.shuffled(passes(), cfg.train.buffer_tokens, cfg.train.batch_size, g)
 
 
 @torch.no_grad()
-def held_out_pass(sae: SAE, model, tokenizer, module: str, data: DataConfig, batch_size: int, tokens: int,
+def held_out_pass(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConfig, data: DataConfig, tokens: int,
                   stats: an.FeatureStats | None) -> dict:  # fmt: skip
     """One pass over held-out tokens: FVU, L0 and dead fraction, and (with `stats`) the feature analysis."""
     device = next(sae.parameters()).device
-    sq_err = sum_x = sum_x2 = l0_sum = 0.0
-    n = 0
+    sq_err = sum_x2 = l0_sum = 0.0
+    sum_x = torch.zeros(sae.d_in, dtype=torch.float64)
+    n = text_tokens = 0
     counts = torch.zeros(sae.d_sae, device=device)
-    contexts = packed_contexts(data, tokenizer, "test", batch_size)
+    contexts = packed_contexts(data, tokenizer, "test", model_cfg.batch_size)
     with tqdm(total=tokens, desc="held-out", unit="tok", unit_scale=True) as bar:
-        for batch in contexts:
-            acts = harvest.capture(model, [module], batch.ids)[module]  # [N, T, D]
-            mask = batch.mask.to(acts.device)
-            x = acts[mask].float().to(device)  # [B, D]
+        for x, batch, used in harvest.activations(model, module, contexts, tokens, model_cfg.max_norm_ratio):
+            x = x.to(device)  # [B, D]
             code = sae.encode(x)
             x_hat = sae.decode(code)
-            sq_err += (x - x_hat).pow(2).sum().item()
-            sum_x = sum_x + x.sum(dim=0)
-            sum_x2 += x.pow(2).sum().item()
+            sq_err += (x - x_hat).double().pow(2).sum().item()
+            sum_x += x.double().sum(dim=0).cpu()
+            sum_x2 += x.double().pow(2).sum().item()
             l0_sum += (code.acts > 0).sum().item()
             counts += firing_counts(code.acts, code.idx, sae.d_sae)
             n += len(x)
+            text_tokens += int(batch.mask.sum())
             if stats is not None:
-                z = torch.zeros(*mask.shape, sae.d_sae, device=device)
-                z[mask.to(device)] = sae.dense(code)
+                z = torch.zeros(*used.shape, sae.d_sae)  # [N, T, F]
+                z[used] = sae.dense(code).cpu()
                 stats.update(z, batch)
             bar.update(len(x))
-            if n >= tokens:
-                break
-    total_var = sum_x2 - (sum_x.pow(2).sum().item() / n)  # sum ||x - mean||^2
+    total_var = sum_x2 - sum_x.pow(2).sum().item() / n  # sum ||x - mean||^2
     return {
         "fvu": sq_err / total_var,
         "l0": l0_sum / n,
         "dead_fraction": (counts == 0).float().mean().item(),
         "held_out_tokens": n,
+        "outlier_fraction": 1 - n / text_tokens,
     }
 
 
 @torch.no_grad()
-def loss_recovered(sae: SAE, model, tokenizer, module: str, data: DataConfig, n_contexts: int, batch_size: int) -> dict:
-    """Next-token CE on held-out contexts: clean, with the SAE spliced in, and with the activation zeroed."""
+def loss_recovered(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConfig, data: DataConfig,
+                   n_contexts: int) -> dict:  # fmt: skip
+    """Next-token CE on held-out contexts: clean, with the SAE spliced in, and with the activation zeroed.
+
+    Tokens `keep_rows` skips (massive activations) keep their activation in both the spliced and the
+    zero-ablated run, so both change exactly the tokens the SAE is evaluated on.
+    """
     device = next(sae.parameters()).device
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
     count, seen = 0, 0
+    batch_size = model_cfg.batch_size
+
+    def only_kept(fn):
+        def replace(x: torch.Tensor) -> torch.Tensor:
+            keep = harvest.keep_rows(x, model_cfg.max_norm_ratio)[:, None]
+            return torch.where(keep, fn(x.to(device)).to(x.device), x)
+
+        return replace
+
     replace = {
         "clean": None,
-        "spliced": lambda x: sae(x.to(device)).x_hat,
-        "zero": torch.zeros_like,
+        "spliced": only_kept(lambda x: sae(x).x_hat),
+        "zero": only_kept(torch.zeros_like),
     }
     bs = min(batch_size, n_contexts)
-    for batch in tqdm(packed_contexts(data, tokenizer, "test", bs), desc="loss recovered", total=-(-n_contexts // bs)):
+    for batch in tqdm(
+        packed_contexts(data, tokenizer, "test", bs), desc="loss recovered", total=-(-n_contexts // bs)
+    ):
         for name, fn in replace.items():
             ce, m = next_token_loss(model, batch.ids, batch.mask, module if fn else None, fn)
             totals[name] += ce
@@ -153,7 +175,7 @@ def run_training(cfg: TrainJob) -> dict:
         g = torch.Generator().manual_seed(cfg.train.seed)
         contexts = itertools.chain([first], train_contexts)
         if cfg.train.in_memory:
-            x = harvest_in_memory(model, module, contexts, cfg.train.harvest_tokens)
+            x = harvest_in_memory(model, module, contexts, cfg.train.harvest_tokens, cfg.model.max_norm_ratio)
             batches = harvest.epochs(x, cfg.train.batch_size, cfg.train.tokens, g)
         else:
             batches = _streamed(cfg, model, tokenizer, module)
@@ -164,10 +186,11 @@ def run_training(cfg: TrainJob) -> dict:
             sae.eval()
             stats = an.FeatureStats(sae.d_sae, cfg.analyze) if cfg.do_analyze else None
             tokens = max(cfg.eval.tokens, cfg.analyze.tokens if cfg.do_analyze else 0)
-            metrics = held_out_pass(sae, model, tokenizer, module, cfg.data, cfg.model.batch_size, tokens, stats)
+            metrics = held_out_pass(sae, model, tokenizer, module, cfg.model, cfg.data, tokens, stats)
             if cfg.eval.loss_contexts:
-                metrics |= loss_recovered(sae, model, tokenizer, module, cfg.data, cfg.eval.loss_contexts,
-                                          cfg.model.batch_size)  # fmt: skip
+                metrics |= loss_recovered(
+                    sae, model, tokenizer, module, cfg.model, cfg.data, cfg.eval.loss_contexts
+                )
             metrics["wall_seconds"] = round(time.time() - start, 1)
             run.summary.update({f"eval/{k}": v for k, v in metrics.items()})
             meta = {"model": cfg.model.name, "hook": module, "d_in": d_in}
@@ -198,10 +221,8 @@ def run_analysis(job: AnalyzeJob) -> Path:
     module = harvest.resolve_module(model, cfg.model)
     sae = SAE.load(run_dir, device=harvest.resolve_device(cfg.model.device)).eval()
     stats = an.FeatureStats(sae.d_sae, job.analyze)
-    held_out_pass(sae, model, tokenizer, module, data, cfg.model.batch_size, job.analyze.tokens, stats)
+    held_out_pass(sae, model, tokenizer, module, cfg.model, data, job.analyze.tokens, stats)
     lens = an.logit_lens(sae, model, job.analyze.logit_k)
     meta = {"model": cfg.model.name, "hook": module, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k}
     an.save_analysis(stats, run_dir, tokenizer, meta, lens)
     return dashboard.render_dashboard(dashboard.load_analysis(run_dir), run_dir / "dashboard.html")
-
-

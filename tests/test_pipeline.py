@@ -1,0 +1,143 @@
+"""The whole pipeline on the tiny random model: the CLI, a sweep, the notebook, and bad input."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
+from sae.data import wikipedia_sample
+from sae.pipeline import run_training
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model=tiny", "data=files", "train.tokens=6144", "train.harvest_tokens=4096", "train.batch_size=256",
+    "eval.tokens=2048", "eval.loss_contexts=4", "analyze.tokens=2048", "data.context_size=64", "sae.k=8",
+    "sae.expansion_factor=2", "model.batch_size=4",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A slice of the real Wikipedia sample as a local JSON-lines file."""
+    rows = [json.loads(line) for line in wikipedia_sample().read_text().splitlines()[:40]]
+    path = tmp_path_factory.mktemp("corpus") / "wiki.jsonl"
+    path.write_text("".join(json.dumps({"text": r["text"][:3000]}) + "\n" for r in rows))
+    return path
+
+
+def _run(script: str, *overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = os.environ | {"WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def tiny_run(corpus, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    _run("train.py", *TINY, f"data.path={corpus}", f"run_dir={run_dir}", "wandb.mode=offline")
+    return run_dir
+
+
+def test_cli_writes_a_complete_run_directory(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"sae.safetensors", "cfg.json", "run.json", "metrics.json", "checkpoint", "analysis", "dashboard.html"} <= names
+    assert not tiny_run.with_name("tiny.tmp").exists()
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert metrics["l0"] == pytest.approx(8, abs=0.01)
+    assert 0 < metrics["fvu"] < 1
+    for key in ("ce_clean", "ce_spliced", "ce_zero", "loss_recovered", "dead_fraction"):
+        assert key in metrics
+    cfg = json.loads((tiny_run / "cfg.json").read_text())
+    assert cfg["hook"] == "model.layers.2" and cfg["d_sae"] == 128 and cfg["k"] == 8
+    # The offline W&B run is on disk and `wandb sync`-able.
+    assert list((tiny_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    analysis = json.loads((tiny_run / "analysis" / "features.json").read_text())
+    assert len(analysis["features"]) == 128
+    example = next(f for f in analysis["features"] if f["examples"])["examples"][0]
+    assert example["acts"][example["center"]] == pytest.approx(example["act"], rel=1e-2)
+    assert "application/json" in (tiny_run / "dashboard.html").read_text()
+
+
+def test_analyze_cli_rewrites_the_dashboard(tiny_run):
+    (tiny_run / "dashboard.html").unlink()
+    proc = _run("analyze.py", f"run_dir={tiny_run}", "analyze.top_k=3")
+    assert "dashboard:" in proc.stdout
+    analysis = json.loads((tiny_run / "analysis" / "features.json").read_text())
+    assert max(len(f["examples"]) for f in analysis["features"]) == 3
+    assert (tiny_run / "dashboard.html").exists()
+
+
+def test_notebook_runs_against_a_real_run(tiny_run):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(ROOT / "notebooks" / "dashboard.ipynb", as_version=4)
+    os.environ["SAE_RUN_DIR"] = str(tiny_run)
+    try:
+        nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    finally:
+        del os.environ["SAE_RUN_DIR"]
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert any("Feature" in json.dumps(o.get("data", {})) for o in outputs)
+
+
+def test_multirun_sweep_trains_one_run_per_value(corpus, tmp_path):
+    _run("train.py", "-m", *TINY, f"data.path={corpus}", "sae.k=4,8", f"run_dir={tmp_path}/k${{sae.k}}",
+         "wandb.mode=disabled", "do_analyze=false", "eval.loss_contexts=0")  # fmt: skip
+    for k in (4, 8):
+        assert json.loads((tmp_path / f"k{k}" / "cfg.json").read_text())["k"] == k
+
+
+def _job(tmp_path: Path, corpus: Path, **changes) -> TrainJob:
+    job = TrainJob(
+        model=ModelConfig(name="tiny", dtype="float32", layer=1, batch_size=4),
+        data=DataConfig(path=str(corpus), context_size=64),
+        sae=SAEConfig(k=8, expansion_factor=2),
+        train=TrainConfig(tokens=2048, harvest_tokens=2048, batch_size=256, buffer_tokens=1024),
+        wandb=WandbConfig(mode="disabled"),
+        run_dir=str(tmp_path / "run"),
+        do_analyze=False,
+    )
+    for group, values in changes.items():
+        for key, value in values.items():
+            setattr(getattr(job, group), key, value)
+    job.eval.tokens, job.eval.loss_contexts = 1024, 0
+    return job
+
+
+def test_streaming_harvest_trains_through_the_shuffle_buffer(tmp_path, corpus):
+    metrics = run_training(_job(tmp_path, corpus, train={"in_memory": False}))
+    assert metrics["l0"] == pytest.approx(8, abs=0.01)
+    assert (tmp_path / "run" / "sae.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "error", "words"),
+    [
+        ({"model": {"module": "model.layer.1"}}, ValueError, ["model.layer.1", "model.layers.1"]),
+        ({"model": {"layer": 9}}, ValueError, ["out of range", "4 blocks"]),
+        ({"data": {"path": "no/such/file.jsonl"}}, FileNotFoundError, ["no/such/file.jsonl"]),
+        ({"data": {"text_column": "body"}}, ValueError, ["'body'", "text"]),
+        ({"sae": {"k": 300}}, ValueError, ["sae.k=300", "d_sae=128"]),
+    ],
+)
+def test_bad_input_fails_before_writing_anything(tmp_path, corpus, changes, error, words):
+    with pytest.raises(error) as info:
+        run_training(_job(tmp_path, corpus, **changes))
+    for word in words:
+        assert word in str(info.value)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.tmp").exists()
+
+
+def test_empty_corpus_fails_before_writing_anything(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text('{"text": ""}\n{"text": "   "}\n')
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        run_training(_job(tmp_path, empty))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.tmp").exists()
