@@ -91,7 +91,7 @@ class SAEConfig:
 
 @dataclass
 class TrainConfig:
-    tokens: int = 2_000_000
+    tokens: int = 2_500_000
     """Training tokens in all (passes over the harvested tokens as often as needed)."""
     harvest_tokens: int = 600_000
     """Distinct training tokens to harvest (fewer if the corpus runs out)."""
@@ -99,10 +99,10 @@ class TrainConfig:
     """Harvest once into memory and train on shuffled passes; else stream through the shuffle buffer."""
     buffer_tokens: int = 262_144
     """Shuffle-buffer size in tokens when streaming."""
-    batch_size: int = 4096
+    batch_size: int = 1024
     """Tokens per optimizer step."""
     lr: float | None = None
-    """Adam learning rate; None derives 2e-4 / sqrt(d_sae / 2**14) (Gao et al. 2024, sec. 2.1)."""
+    """Adam learning rate; None derives 1e-3 / sqrt(d_sae / 2**14) (see `sae.train.default_lr`)."""
     warmup_steps: int = 50
     """Linear learning-rate warm-up."""
     decay_fraction: float = 0.2

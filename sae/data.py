@@ -98,9 +98,10 @@ def load_rows(cfg: DataConfig):
     """
     import datasets
 
-    path = str(wikipedia_sample()) if cfg.path == WIKIPEDIA_SAMPLE else cfg.path
+    path = str(wikipedia_sample()) if cfg.path == WIKIPEDIA_SAMPLE else os.path.expanduser(cfg.path)
     files = _local_files(path)
-    looks_local = os.sep in path or path.startswith(".") or Path(path).suffix in _BUILDERS
+    # `org/name` is a hub id; a path that starts like a path, names a file type or has a glob is local.
+    looks_local = path.startswith((".", "/", "~")) or Path(path).suffix in _BUILDERS or any(c in path for c in "*?[")
     if files:
         suffixes = {Path(f).suffix for f in files}
         unknown = suffixes - set(_BUILDERS)

@@ -147,6 +147,7 @@ def _wandb_run(cfg: TrainJob, run_dir: Path):
     return wandb.init(
         mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
         name=cfg.wandb.name or Path(cfg.run_dir).name, dir=str(run_dir), config=dataclasses.asdict(cfg),
+        settings=wandb.Settings(quiet=True),  # its closing hints name the temporary directory; ours follow
     )  # fmt: skip
 
 
@@ -204,6 +205,8 @@ def run_training(cfg: TrainJob) -> dict:
         finally:
             run.finish()
         _replace_dir(tmp, final)
+        for offline in sorted((final / "wandb").glob("offline-run-*")):
+            print(f"W&B offline run: upload it with `wandb sync {offline}`")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,7 +3,7 @@
 The recipe follows Gao et al. 2024 ("Scaling and evaluating sparse autoencoders"): loss is the normalized
 MSE (FVU of the batch) plus AuxK; Adam with eps 6.25e-10; learning rate scaled as 1/sqrt(d_sae); decoder rows
 kept at unit norm with the parallel gradient component removed; b_dec initialised at the geometric median of
-the first batch. The learning rate warms up linearly and decays linearly to zero over the last
+the first batch. The learning rate (see `default_lr`) warms up linearly and decays linearly to zero over the last
 `decay_fraction` of steps (Conerly et al. 2024, "April update").
 """
 
@@ -25,8 +25,13 @@ Logger = Callable[[dict, int], None]
 
 
 def default_lr(d_sae: int) -> float:
-    """2e-4 at 2**14 latents, scaled as 1/sqrt(d_sae) (Gao et al. 2024, sec. 2.1)."""
-    return 2e-4 / math.sqrt(d_sae / 2**14)
+    """1e-3 at 2**14 latents, scaled as 1/sqrt(d_sae) as in Gao et al. 2024 (sec. 2.1).
+
+    Their constant, 2e-4, suits runs of billions of tokens. Runs of a few million tokens need a faster
+    rate: on SmolLM2-135M block 15 (4608 latents, k 32, batches of 1024, 600k tokens) held-out FVU was
+    0.43 at Gao's rate, 0.26 at 1e-3, 0.23 at 2e-3, and 0.23 with 18% dead latents at 4e-3.
+    """
+    return 1e-3 / math.sqrt(d_sae / 2**14)
 
 
 def geometric_median(x: torch.Tensor, iters: int = 50, eps: float = 1e-6) -> torch.Tensor:

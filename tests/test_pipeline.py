@@ -141,3 +141,14 @@ def test_empty_corpus_fails_before_writing_anything(tmp_path):
     with pytest.raises(ValueError, match="fewer than one batch"):
         run_training(_job(tmp_path, empty))
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.tmp").exists()
+
+
+def test_hub_code_path_loads_a_model_directory(tmp_path, corpus):
+    """`model.name` takes a hub id or a local directory through the same from_pretrained call."""
+    from sae.harvest import tiny_model, tiny_tokenizer
+
+    tiny_model(seed=3).save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    metrics = run_training(_job(tmp_path, corpus, model={"name": str(tmp_path / "model")}))
+    assert metrics["l0"] == pytest.approx(8, abs=0.01)
+    assert json.loads((tmp_path / "run" / "cfg.json").read_text())["model"] == str(tmp_path / "model")
