@@ -7,14 +7,13 @@ batch's per-feature top-k is merged into the running top-k and the rest is dropp
 """
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from sae.config import AnalyzeConfig
-from sae.data import Contexts, atomic_write_text
+from sae.data import Contexts
+from sae.files import save_tensors, write_text
 from sae.model import SAE
 
 
@@ -121,9 +120,7 @@ def save_analysis(
     tensors = stats.tensors()
     if lens is not None:
         tensors |= dict(zip(("top_logit", "top_logit_id", "bottom_logit", "bottom_logit_id"), lens))
-    tmp = out / f".features.safetensors.tmp{os.getpid()}"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, out / "features.safetensors")
+    save_tensors(out / "features.safetensors", tensors)
 
     vocab = token_strings(tokenizer)
     W = stats.cfg.window_before
@@ -155,5 +152,5 @@ def save_analysis(
             ]
         features.append(feature)
     meta = meta | {"n_tokens": stats.tokens, "window": [stats.cfg.window_before, stats.cfg.window_after]}
-    atomic_write_text(out / "features.json", json.dumps(meta | {"features": features}))
+    write_text(out / "features.json", json.dumps(meta | {"features": features}))
     return out

@@ -12,10 +12,11 @@ styles (rather than a stylesheet) keep a fragment readable wherever a notebook's
 import html
 import json
 import math
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
+
+from sae.files import write_text
 
 _STYLE = {
     "rgb": "255,140,0",  # token highlight colour; alpha carries the activation
@@ -112,16 +113,7 @@ def render_dashboard(analysis: dict, path: str | Path) -> Path:
     }
     # One pass over the template, so text substituted in (tokens included) is never itself substituted.
     page = re.sub(r"__([A-Z]+)__", lambda m: values[m.group(1)], _TEMPLATE)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same directory, so os.replace is an atomic rename: a reader never sees a half-written page.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(page, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return write_text(path, page)
 
 
 def show(run_dir: str | Path, feature_ids: Iterable[int] | None = None, n: int = 5) -> None:

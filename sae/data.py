@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from sae.config import DataConfig
+from sae.files import write_text
 
 WIKIPEDIA_SAMPLE = "wikipedia-sample"
 _GENSIM_FILE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
@@ -33,14 +34,6 @@ _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "par
 def cache_dir() -> Path:
     """Where converted models and corpora are kept (`$SAE_CACHE`, default ~/.cache/sae)."""
     return Path(os.environ.get("SAE_CACHE", Path.home() / ".cache" / "sae"))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --- the offline corpus ---------------------------------------------------------------------------------
@@ -76,7 +69,7 @@ def wikipedia_sample() -> Path:
             text = _clean_wikitext(filter_wiki(markup))
             if len(text) > 200 and not text.upper().startswith("#REDIRECT"):
                 lines.append(json.dumps({"title": title, "text": text}, ensure_ascii=False))
-    atomic_write_text(out, "\n".join(lines) + "\n")
+    write_text(out, "\n".join(lines) + "\n")
     return out
 
 
@@ -101,7 +94,9 @@ def load_rows(cfg: DataConfig):
     path = str(wikipedia_sample()) if cfg.path == WIKIPEDIA_SAMPLE else os.path.expanduser(cfg.path)
     files = _local_files(path)
     # `org/name` is a hub id; a path that starts like a path, names a file type or has a glob is local.
-    looks_local = path.startswith((".", "/", "~")) or Path(path).suffix in _BUILDERS or any(c in path for c in "*?[")
+    looks_local = (
+        path.startswith((".", "/", "~")) or Path(path).suffix in _BUILDERS or any(c in path for c in "*?[")
+    )
     if files:
         suffixes = {Path(f).suffix for f in files}
         unknown = suffixes - set(_BUILDERS)

@@ -11,14 +11,15 @@ rows (`embedding_bag`), never materialising the dense [B, F] @ [F, D] product.
 """
 
 import json
-import os
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
+
+from sae.files import save_tensors, write_json
 
 WEIGHTS, CONFIG = "sae.safetensors", "cfg.json"
 
@@ -110,13 +111,8 @@ class SAE(nn.Module):
         """Writes `sae.safetensors` and `cfg.json` (plus `extra` keys) into directory `path`, atomically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        tmp = path / f".{WEIGHTS}.tmp{os.getpid()}"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path / WEIGHTS)
-        tmp = path / f".{CONFIG}.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(self.config() | (extra or {}), indent=2))
-        os.replace(tmp, path / CONFIG)
+        save_tensors(path / WEIGHTS, {k: v.float() for k, v in self.state_dict().items()})
+        write_json(path / CONFIG, self.config() | (extra or {}))
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":

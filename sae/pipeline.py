@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from sae import analyze as an
 from sae import dashboard, harvest
 from sae.config import AnalyzeJob, DataConfig, ModelConfig, TrainJob, from_dict
-from sae.data import Contexts, atomic_write_text, packed_contexts
+from sae.data import Contexts, packed_contexts
+from sae.files import write_json
 from sae.metrics import firing_counts, next_token_loss
 from sae.model import SAE
 from sae.train import train
@@ -196,8 +197,8 @@ def run_training(cfg: TrainJob) -> dict:
             run.summary.update({f"eval/{k}": v for k, v in metrics.items()})
             meta = {"model": cfg.model.name, "hook": module, "d_in": d_in}
             sae.save(tmp, extra=meta | {"data": cfg.data.path, "context_size": cfg.data.context_size})
-            atomic_write_text(tmp / "run.json", json.dumps(dataclasses.asdict(cfg), indent=2))
-            atomic_write_text(tmp / "metrics.json", json.dumps(metrics, indent=2))
+            write_json(tmp / "run.json", dataclasses.asdict(cfg))
+            write_json(tmp / "metrics.json", metrics)
             if stats is not None:
                 lens = an.logit_lens(sae, model, cfg.analyze.logit_k)
                 an.save_analysis(stats, tmp, tokenizer, meta | {"d_sae": sae.d_sae, "k": sae.k}, lens)

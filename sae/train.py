@@ -7,17 +7,15 @@ the first batch. The learning rate (see `default_lr`) warms up linearly and deca
 `decay_fraction` of steps (Conerly et al. 2024, "April update").
 """
 
-import json
 import math
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from sae.config import SAEConfig, TrainConfig
+from sae.files import save_tensors, write_json
 from sae.metrics import fvu
 from sae.model import SAE
 
@@ -75,13 +73,9 @@ def save_checkpoint(sae: SAE, opt: torch.optim.Optimizer, state: dict, path: Pat
     for name, p in sae.named_parameters():
         for key, value in opt.state.get(p, {}).items():
             if torch.is_tensor(value):
-                moments[f"{name}.{key}"] = value.detach().cpu().contiguous().float()
-    tmp = path / f".optimizer.safetensors.tmp{os.getpid()}"
-    save_file(moments, str(tmp))
-    os.replace(tmp, path / "optimizer.safetensors")
-    tmp = path / f".state.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, path / "state.json")
+                moments[f"{name}.{key}"] = value.float()
+    save_tensors(path / "optimizer.safetensors", moments)
+    write_json(path / "state.json", state)
 
 
 def train(

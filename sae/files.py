@@ -1,0 +1,39 @@
+"""Atomic writes: every artifact is written to a temporary file beside its target and renamed onto it, so a
+reader (or a crash) never sees half a file."""
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+
+def atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Calls `write(tmp)` for a temporary path in `path`'s directory, then renames it onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Writes `text` (UTF-8) to `path` atomically."""
+    return atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | Path, value) -> Path:
+    """Writes `value` as indented JSON to `path` atomically."""
+    return write_text(path, json.dumps(value, indent=2))
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """Writes named tensors as safetensors to `path` atomically."""
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic(path, lambda tmp: save_file(cpu, str(tmp)))
