@@ -2,7 +2,7 @@
 
     python analyze.py run_dir=runs/demo
     python analyze.py run_dir=runs/demo analyze.tokens=200000 analyze.top_k=20
-    python analyze.py run_dir=runs/demo +data.path=other.jsonl     # analyse another corpus's held-out rows
+    python analyze.py run_dir=runs/demo data_path=other.jsonl      # held-out rows of another corpus
 
 Writes <run_dir>/analysis/features.{safetensors,json} and <run_dir>/dashboard.html.
 """

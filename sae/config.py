@@ -7,7 +7,6 @@ these schemas; entry scripts convert the composed config to dataclasses once (`t
 """
 
 import dataclasses
-import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -198,8 +197,8 @@ class AnalyzeJob:
     run_dir: str = "runs/default"
     """Run directory holding sae.safetensors and cfg.json."""
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
-    data: DataConfig | None = None
-    """Override the corpus recorded in the run (None: analyse held-out rows of the training corpus)."""
+    data_path: str | None = None
+    """Analyse the held-out rows of this corpus instead of the run's own (same column and packing)."""
 
 
 T = TypeVar("T")
@@ -212,21 +211,24 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     _check(not unknown, f"unknown {cls.__name__} keys {unknown}; accepted: {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
-        sub = _dataclass_type(fields[name].type)
-        kwargs[name] = from_dict(sub, value) if sub is not None and isinstance(value, dict) else value
+        sub = fields[name].type
+        kwargs[name] = (
+            from_dict(sub, value) if dataclasses.is_dataclass(sub) and isinstance(value, dict) else value
+        )
     return cls(**kwargs)
-
-
-def _dataclass_type(annotation: Any) -> type | None:
-    candidates = typing.get_args(annotation) or (annotation,)  # `X | None` -> (X, NoneType)
-    return next((c for c in candidates if dataclasses.is_dataclass(c)), None)
 
 
 def to_dataclass(cfg: Any, cls: type[T]) -> T:
     """Converts a composed Hydra DictConfig into dataclass `cls` (resolving interpolations)."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
 
-    values = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        values = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except MissingMandatoryValue as err:
+        raise ValueError(
+            f"{err.full_key} has no value: set it on the command line ({err.full_key}=...)"
+        ) from None
     values = {k: v for k, v in values.items() if k != "hydra"}  # type: ignore[union-attr]
     return from_dict(cls, values)  # type: ignore[arg-type]
 
@@ -234,9 +236,13 @@ def to_dataclass(cfg: Any, cls: type[T]) -> T:
 def register_configs() -> None:
     """Registers the schemas in Hydra's ConfigStore so the YAML files are type-checked on composition."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import MISSING, OmegaConf
 
+    # Values a YAML file must set are MISSING in the schemas: a `???` in YAML cannot unset a default.
+    train, analyze, data = (OmegaConf.structured(c) for c in (TrainJob, AnalyzeJob, DataConfig))
+    train.data.path = data.path = analyze.run_dir = MISSING
     cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainJob)
-    cs.store(name="analyze_schema", node=AnalyzeJob)
-    for group, node in (("model", ModelConfig), ("data", DataConfig), ("sae", SAEConfig)):
+    cs.store(name="train_schema", node=train)
+    cs.store(name="analyze_schema", node=analyze)
+    for group, node in (("model", ModelConfig), ("data", data), ("sae", SAEConfig)):
         cs.store(group=group, name=f"{group}_schema", node=node)

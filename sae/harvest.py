@@ -138,9 +138,10 @@ def resolve_module(model: nn.Module, cfg: ModelConfig) -> str:
     if spec.startswith("resid."):
         layer = spec.removeprefix("resid.")
         if not layer.isdigit() or int(layer) >= len(layers):
+            given = f"model.module={spec}" if cfg.module is not None else f"model.layer={cfg.layer}"
             raise ValueError(
-                f"layer {layer!r} (from {spec!r}) is out of range: {type(model).__name__} has "
-                f"{len(layers)} blocks, layers 0..{len(layers) - 1}"
+                f"{given} is out of range: {type(model).__name__} has {len(layers)} blocks, "
+                f"so layers 0..{len(layers) - 1} (resid.0 .. resid.{len(layers) - 1})"
             )
         spec = f"{path}.{layer}"
     names = [n for n, _ in model.named_modules() if n]

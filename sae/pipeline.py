@@ -220,7 +220,7 @@ def run_analysis(job: AnalyzeJob) -> Path:
     if not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"run_dir={job.run_dir!r} holds no run.json: is it a finished training run?")
     cfg = from_dict(TrainJob, json.loads((run_dir / "run.json").read_text()))
-    data = job.data or cfg.data
+    data = dataclasses.replace(cfg.data, path=job.data_path) if job.data_path else cfg.data
     model, tokenizer = harvest.load_model(cfg.model)
     module = harvest.resolve_module(model, cfg.model)
     sae = SAE.load(run_dir, device=harvest.resolve_device(cfg.model.device)).eval()

@@ -117,7 +117,7 @@ def train(
             yield x.to(device).float()
 
     bar = tqdm(zip(range(steps), stream()), total=steps, desc="train", unit="step")
-    tokens = 0
+    tokens = done = 0
     for step, x in bar:
         out = sae(x)
         loss_main = fvu(x, out.x_hat)
@@ -134,6 +134,7 @@ def train(
         fired = torch.zeros_like(since_fired).index_fill_(0, out.idx[out.acts > 0], 1).bool()
         since_fired = torch.where(fired, 0, since_fired + x.shape[0])
         tokens += x.shape[0]
+        done = step + 1
         if step % cfg.log_every == 0 or step == steps - 1:
             metrics = {
                 "train/loss": loss.item(), "train/fvu": loss_main.item(), "train/auxk": loss_aux.item(),
@@ -146,5 +147,5 @@ def train(
             save_checkpoint(sae, opt, {"step": step + 1, "tokens": tokens}, checkpoint_dir)
     bar.close()
     if checkpoint_dir is not None:
-        save_checkpoint(sae, opt, {"step": steps, "tokens": tokens}, checkpoint_dir)
+        save_checkpoint(sae, opt, {"step": done, "tokens": tokens}, checkpoint_dir)
     return sae

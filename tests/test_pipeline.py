@@ -46,7 +46,15 @@ def tiny_run(corpus, tmp_path_factory) -> Path:
 
 def test_cli_writes_a_complete_run_directory(tiny_run):
     names = {p.name for p in tiny_run.iterdir()}
-    assert {"sae.safetensors", "cfg.json", "run.json", "metrics.json", "checkpoint", "analysis", "dashboard.html"} <= names
+    assert {
+        "sae.safetensors",
+        "cfg.json",
+        "run.json",
+        "metrics.json",
+        "checkpoint",
+        "analysis",
+        "dashboard.html",
+    } <= names
     assert not tiny_run.with_name("tiny.tmp").exists()
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert metrics["l0"] == pytest.approx(8, abs=0.01)
@@ -79,7 +87,9 @@ def test_notebook_runs_against_a_real_run(tiny_run):
     nb = nbformat.read(ROOT / "notebooks" / "dashboard.ipynb", as_version=4)
     os.environ["SAE_RUN_DIR"] = str(tiny_run)
     try:
-        nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+        nbclient.NotebookClient(
+            nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        ).execute()
     finally:
         del os.environ["SAE_RUN_DIR"]
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]

@@ -7,7 +7,14 @@ import torch
 
 from sae import harvest
 from sae.config import (
-    AnalyzeConfig, DataConfig, EvalConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig,
+    AnalyzeConfig,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    SAEConfig,
+    TrainConfig,
+    TrainJob,
+    WandbConfig,
 )  # fmt: skip
 from sae.data import packed_contexts
 from sae.pipeline import run_training

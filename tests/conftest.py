@@ -1,0 +1,63 @@
+"""Shared fixtures: the tiny random Llama with its byte-level tokenizer, and a few English sentences."""
+
+import pytest
+import torch
+
+from sae.config import ModelConfig
+from sae.harvest import load_model
+
+SENTENCES = [
+    "The cat sat on the warm mat by the kitchen door.",
+    "Rivers carry sediment from the mountains down to the sea.",
+    "She bought three apples, two pears and a loaf of bread.",
+    "The committee will meet again on Thursday afternoon.",
+    "Light travels faster than sound through the open air.",
+    "My grandfather planted an oak tree in nineteen fifty-two.",
+    "Please close the window before the rain comes in.",
+    "The library opens at nine and closes at six.",
+    "A small boat drifted slowly across the quiet harbour.",
+    "Engineers tested the bridge with heavy trucks last week.",
+    "He forgot his umbrella and walked home in the storm.",
+    "The recipe calls for flour, butter, sugar and eggs.",
+    "Birds migrate south when the days grow short and cold.",
+    "The old clock in the hall struck midnight.",
+    "Children played football in the park until sunset.",
+    "The museum displays paintings from the sixteenth century.",
+    "Our train was delayed by twenty minutes this morning.",
+    "Volcanoes form where magma rises through the crust.",
+    "She wrote a long letter to her friend in Lisbon.",
+    "The farmer sold his wheat at the market on Saturday.",
+    "Snow covered the hills for most of the winter.",
+    "The orchestra played a symphony by Beethoven.",
+    "Bees collect nectar and carry pollen between flowers.",
+    "The lawyer asked the witness a difficult question.",
+    "A strong wind blew the leaves across the road.",
+    "The students read two chapters before the exam.",
+    "Copper is an excellent conductor of electricity.",
+    "They painted the fence white during the summer holidays.",
+    "The bakery on the corner sells fresh bread every day.",
+    "Whales communicate with songs that travel for miles.",
+    "The king signed the treaty in the great hall.",
+    "Her brother repairs bicycles in a small workshop.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer): the 4-block random Llama in float32 on the CPU, eval mode, no gradients."""
+    return load_model(ModelConfig(name="tiny", dtype="float32", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny):
+    return tiny[1]
+
+
+@pytest.fixture(scope="session")
+def sentences() -> list[str]:
+    return list(SENTENCES)
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(0)

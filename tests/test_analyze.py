@@ -1,0 +1,255 @@
+"""Streaming per-feature statistics against brute force, planted top contexts, and the saved analysis."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sae import harvest
+from sae.analyze import FeatureStats, dense_latents, logit_lens, save_analysis, token_strings
+from sae.config import AnalyzeConfig, DataConfig
+from sae.data import Contexts, packed_contexts
+from sae.harvest import tiny_model
+from sae.model import SAE
+
+N, T, F = 3, 10, 4
+BEFORE, AFTER = 3, 2
+CFG = AnalyzeConfig(top_k=3, window_before=BEFORE, window_after=AFTER)
+# feature -> (batch, n, t, value): one at the left edge, one at the right edge, one in the middle.
+PLANTED = {0: (1, 0, 1, 50.0), 1: (2, 1, T - 1, 40.0), 2: (0, 1, 5, 30.0)}
+
+
+def make_batch(b: int, g: torch.Generator) -> Contexts:
+    ids = torch.randint(2, 258, (N, T), generator=g)
+    ids[:, 0] = 0  # BOS
+    ids[2, 6] = 1  # an EOS inside the context
+    mask = ids > 1
+    row = torch.where(mask, 100 * b + torch.arange(N)[:, None], -1)
+    pos = torch.where(mask, torch.arange(T) + 1000 * b, -1)
+    return Contexts(ids=ids, row=row, pos=pos, mask=mask)
+
+
+def make_latents(batch: Contexts, b: int, g: torch.Generator) -> torch.Tensor:
+    z = torch.rand(N, T, F, generator=g) * (torch.rand(N, T, F, generator=g) < 0.6)
+    z[~batch.mask] = 0
+    for f, (pb, n, t, value) in PLANTED.items():
+        if pb == b:
+            z[n, t, f] = value
+    return z
+
+
+@pytest.fixture(scope="module")
+def stream():
+    g = torch.Generator().manual_seed(0)
+    batches = [make_batch(b, g) for b in range(5)]
+    return [(make_latents(batch, b, g), batch) for b, batch in enumerate(batches)]
+
+
+@pytest.fixture(scope="module")
+def stats(stream) -> FeatureStats:
+    stats = FeatureStats(F, CFG)
+    for z, batch in stream:
+        stats.update(z, batch)
+    return stats
+
+
+def window(batch: Contexts, z: torch.Tensor, n: int, t: int, f: int) -> tuple[list[int], list[float]]:
+    ids, acts = [], []
+    for u in range(t - BEFORE, t + AFTER + 1):
+        inside = 0 <= u < T
+        ids.append(batch.ids[n, u].item() if inside else -1)
+        acts.append(z[n, u, f].item() if inside else 0.0)
+    return ids, acts
+
+
+def brute_force(stream, f: int) -> list[tuple[float, int, int, list[int], list[float]]]:
+    """Every (act, row, pos, window ids, window acts) of feature f, strongest first."""
+    found = []
+    for z, batch in stream:
+        for n in range(N):
+            for t in range(T):
+                if z[n, t, f] > 0:
+                    found.append((z[n, t, f].item(), batch.row[n, t].item(), batch.pos[n, t].item(),
+                                  *window(batch, z, n, t, f)))  # fmt: skip
+    return sorted(found, key=lambda e: -e[0])
+
+
+@pytest.mark.parametrize("f", sorted(PLANTED))
+def test_planted_example_is_the_top_one(stream, stats, f):
+    b, n, t, value = PLANTED[f]
+    z, batch = stream[b]
+    assert stats.top_act[f, 0] == value
+    assert stats.top_row[f, 0] == 100 * b + n and stats.top_pos[f, 0] == 1000 * b + t
+    ids, acts = window(batch, z, n, t, f)
+    assert stats.window_ids[f, 0].tolist() == ids
+    torch.testing.assert_close(stats.window_acts[f, 0], torch.tensor(acts))
+    assert stats.window_ids[f, 0, BEFORE] == batch.ids[n, t]
+    assert stats.window_acts[f, 0, BEFORE] == value
+
+
+def test_windows_at_the_context_edges():
+    g = torch.Generator().manual_seed(0)
+    assert PLANTED[0][2] == 1 and PLANTED[1][2] == T - 1
+    stats = FeatureStats(F, CFG)
+    for b in range(3):
+        batch = make_batch(b, g)
+        stats.update(make_latents(batch, b, g), batch)
+    assert stats.window_ids[0, 0, :2].tolist() == [-1, -1]  # t = 1: two positions before the context
+    assert stats.window_ids[0, 0, 2] == 0  # then the BOS, with no activation
+    assert stats.window_acts[0, 0, :3].tolist() == [0.0, 0.0, 0.0]
+    assert stats.window_ids[1, 0, -AFTER:].tolist() == [-1] * AFTER  # t = T - 1: nothing after
+
+
+@pytest.mark.parametrize("f", range(F))
+def test_top_examples_equal_brute_force(stream, stats, f):
+    expected = brute_force(stream, f)[: CFG.top_k]
+    assert len(expected) == CFG.top_k
+    for j, (act, row, pos, ids, acts) in enumerate(expected):
+        assert stats.top_act[f, j].item() == pytest.approx(act)
+        assert (stats.top_row[f, j].item(), stats.top_pos[f, j].item()) == (row, pos)
+        assert stats.window_ids[f, j].tolist() == ids
+        torch.testing.assert_close(stats.window_acts[f, j], torch.tensor(acts))
+
+
+def test_density_mean_and_max(stream, stats):
+    z = torch.stack([z for z, _ in stream])  # [batches, N, T, F]
+    tokens = sum(int(batch.mask.sum()) for _, batch in stream)
+    assert stats.tokens == tokens
+    s = stats.tensors()
+    count = (z > 0).sum(dim=(0, 1, 2)).float()
+    torch.testing.assert_close(s["density"], count / tokens)
+    torch.testing.assert_close(s["max_act"], z.amax(dim=(0, 1, 2)))
+    torch.testing.assert_close(s["mean_act"], z.sum(dim=(0, 1, 2)) / count)
+    assert s["max_act"][:3].tolist() == [50.0, 40.0, 30.0]
+    assert set(s) == {"density", "max_act", "mean_act", "top_act", "top_row", "top_pos", "window_ids",
+                      "window_acts"}  # fmt: skip
+    assert s["window_ids"].shape == (F, CFG.top_k, BEFORE + 1 + AFTER)
+
+
+def test_fewer_tokens_than_top_k_and_dead_features():
+    cfg = AnalyzeConfig(top_k=5, window_before=1, window_after=1)
+    stats = FeatureStats(2, cfg)
+    ids = torch.tensor([[0, 7]])
+    batch = Contexts(ids=ids, row=torch.tensor([[-1, 4]]), pos=torch.tensor([[-1, 0]]), mask=ids > 1)
+    stats.update(torch.tensor([[[0.0, 0.0], [2.0, 0.0]]]), batch)
+    stats.update(torch.tensor([[[0.0, 0.0], [3.0, 0.0]]]), batch)
+    assert stats.top_act[0].tolist() == [3.0, 2.0, 0.0, 0.0, 0.0]
+    assert stats.top_act[1].tolist() == [0.0] * 5  # a dead feature has only empty slots
+    assert stats.window_ids[0, 0].tolist() == [0, 7, -1]
+    assert stats.tensors()["density"].tolist() == [1.0, 0.0]
+    assert stats.tensors()["mean_act"].tolist() == [2.5, 0.0]
+
+
+# --- saving ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def text_stats(tokenizer):
+    """Two features on one context of real text: feature 0 fires on 'c' of 'cat' and on the first token."""
+    text = "The cat sat on the mat."
+    ids = torch.tensor([[0, *tokenizer(text, add_special_tokens=False)["input_ids"], 1]])  # [1, T]
+    mask = ids > 1
+    T_ = ids.shape[1]
+    row = torch.where(mask, 7, -1)
+    pos = torch.where(mask, torch.arange(T_) - 1, -1)
+    z = torch.zeros(1, T_, 2)
+    c = text.index("cat") + 1  # +1 for the BOS
+    z[0, c, 0], z[0, c + 1, 0], z[0, 1, 0] = 3.0, 0.5, 1.0
+    stats = FeatureStats(2, AnalyzeConfig(top_k=3, window_before=3, window_after=2))
+    stats.update(z, Contexts(ids=ids, row=row, pos=pos, mask=mask))
+    return stats, c
+
+
+def test_save_analysis_writes_examples_centered_on_the_activating_token(tmp_path, tokenizer, text_stats):
+    stats, c = text_stats
+    out = save_analysis(stats, tmp_path, tokenizer, {"model": "tiny", "hook": "model.layers.2"})
+    assert out == tmp_path / "analysis"
+    data = json.loads((out / "features.json").read_text())
+    assert data["model"] == "tiny" and data["hook"] == "model.layers.2"
+    assert data["n_tokens"] == stats.tokens and data["window"] == [3, 2]
+    f0, f1 = data["features"]
+    assert f1["examples"] == [] and f1["density"] == 0.0
+    assert [e["act"] for e in f0["examples"]] == [3.0, 1.0, 0.5]
+
+    top = f0["examples"][0]
+    assert (top["row"], top["pos"]) == (7, c - 1)
+    assert top["tokens"] == list("he cat") and top["center"] == 3
+    assert top["tokens"][top["center"]] == "c" and top["acts"][top["center"]] == 3.0
+    assert top["acts"] == [0.0, 0.0, 0.0, 3.0, 0.5, 0.0]
+
+    edge = f0["examples"][1]  # the first text token: two window slots fall before the context
+    assert edge["tokens"] == ["<bos>", "T", "h", "e"]
+    assert edge["center"] == 1 and edge["tokens"][edge["center"]] == "T"
+    assert len(edge["tokens"]) == len(edge["acts"])
+
+    tensors = load_file(str(out / "features.safetensors"))
+    for key, value in stats.tensors().items():
+        assert torch.equal(tensors[key], value), key
+
+
+def test_save_analysis_with_logit_lens(tmp_path, tiny):
+    model, tokenizer = tiny
+    sae = SAE(64, 128, 4)
+    stats = FeatureStats(128, AnalyzeConfig(top_k=2))
+    lens = logit_lens(sae, model, k=5)
+    save_analysis(stats, tmp_path, tokenizer, {}, lens)
+    data = json.loads((tmp_path / "analysis" / "features.json").read_text())
+    vocab = token_strings(tokenizer)
+    for f in (0, 77):
+        feature = data["features"][f]
+        assert [t for t, _ in feature["top_logits"]] == [vocab[i] for i in lens[1][f].tolist()]
+        assert len(feature["bottom_logits"]) == 5
+        assert feature["top_logits"][0][1] >= feature["bottom_logits"][0][1]
+    assert load_file(str(tmp_path / "analysis" / "features.safetensors"))["top_logit_id"].shape == (128, 5)
+
+
+def test_token_strings(tokenizer):
+    vocab = token_strings(tokenizer)
+    assert len(vocab) == 258 and vocab[0] == "<bos>" and vocab[1] == "<eos>"
+    assert vocab[tokenizer("a", add_special_tokens=False)["input_ids"][0]] == "a"
+
+
+def test_logit_lens_equals_brute_force():
+    model = tiny_model(seed=1)
+    with torch.no_grad():  # a final norm whose scale is not all ones, so that applying it matters
+        model.model.norm.weight.uniform_(0.1, 3.0, generator=torch.Generator().manual_seed(0))
+    sae = SAE(64, 40, 4, seed=1)
+    top, top_id, bottom, bottom_id = logit_lens(sae, model, k=6, chunk=16)  # 40 rows: chunks 16, 16, 8
+    with torch.no_grad():
+        logits = (sae.W_dec * model.model.norm.weight) @ model.lm_head.weight.T  # [F, V]
+    ref_top, ref_bottom = logits.topk(6, dim=1), logits.topk(6, dim=1, largest=False)
+    torch.testing.assert_close(top, ref_top.values)
+    torch.testing.assert_close(bottom, ref_bottom.values)
+    assert torch.equal(top_id, ref_top.indices) and torch.equal(bottom_id, ref_bottom.indices)
+    assert top.shape == (40, 6) and (top[:, -1] >= bottom[:, -1]).all()
+
+
+def test_dense_latents_zero_at_masked_positions():
+    sae = SAE(16, 64, 4)
+    acts = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[False, True, True, True, False], [False, True, False, True, True]])
+    z = dense_latents(sae, acts, mask)
+    assert z.shape == (2, 5, 64)
+    assert (z[~mask] == 0).all()
+    torch.testing.assert_close(z[mask], sae.dense(sae.encode(acts[mask])))
+    assert ((z[mask] > 0).sum(dim=1) <= 4).all()
+
+
+def test_stats_on_the_tiny_model_point_back_into_the_text(tiny, sentences):
+    model, tokenizer = tiny
+    rows = [{"text": s} for s in sentences]
+    sae = SAE(64, 32, 4)
+    stats = FeatureStats(32, AnalyzeConfig(top_k=4, window_before=4, window_after=2))
+    contexts = packed_contexts(DataConfig(context_size=24), tokenizer, "test", 2, rows=rows)
+    for x, batch, used in harvest.activations(model, "model.layers.2", contexts):
+        z = torch.zeros(*used.shape, sae.d_sae)
+        z[used] = sae.dense(sae.encode(x))
+        stats.update(z, batch)
+    live = stats.top_act > 0
+    assert live.sum() > 20
+    for f, j in live.nonzero().tolist():
+        row, pos = stats.top_row[f, j].item(), stats.top_pos[f, j].item()
+        assert row % 10 == 9  # held-out rows only
+        token = tokenizer(rows[row]["text"], add_special_tokens=False)["input_ids"][pos]
+        assert stats.window_ids[f, j, 4] == token

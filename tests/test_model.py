@@ -1,0 +1,209 @@
+"""Invariants of the TopK SAE: sparsity, the fast decode path, unit-norm decoder rows, persistence."""
+
+import json
+
+import pytest
+import torch
+
+from sae.metrics import fvu
+from sae.model import SAE, Code, read_config
+
+D, F, K = 16, 64, 4
+
+
+def make_sae(seed: int = 0, b_enc: float = 0.0) -> SAE:
+    sae = SAE(D, F, K, seed=seed)
+    with torch.no_grad():
+        sae.b_enc.fill_(b_enc)
+        sae.b_dec.copy_(torch.randn(D, generator=torch.Generator().manual_seed(seed + 1)))
+    return sae
+
+
+def rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_encode_keeps_exactly_k_largest_latents():
+    # A large positive b_enc keeps every pre-activation above zero, so ReLU cannot drop any of the K.
+    sae = make_sae(b_enc=10.0)
+    x = rand(32, D)
+    code = sae.encode(x)
+    assert code.acts.shape == code.idx.shape == (32, K)
+    z = sae.dense(code)
+    assert ((z != 0).sum(dim=1) == K).all()
+    # The K kept latents are the K largest pre-activations, at the right places.
+    pre = sae.pre_acts(x)
+    ref = pre.topk(K, dim=1)
+    torch.testing.assert_close(code.acts.sort(dim=1).values, ref.values.sort(dim=1).values)
+    assert (code.idx.sort(dim=1).values == ref.indices.sort(dim=1).values).all()
+    torch.testing.assert_close(pre.gather(1, code.idx), code.acts)
+
+
+def test_encode_has_at_most_k_non_negative_latents_on_typical_data():
+    sae = make_sae(b_enc=0.0)
+    x = rand(256, D, seed=3)
+    code = sae.encode(x)
+    z = sae.dense(code)
+    nonzero = (z != 0).sum(dim=1)
+    assert (nonzero <= K).all()
+    assert (nonzero == K).float().mean() > 0.9  # 64 random directions: almost always >= K positive
+    assert (code.acts >= 0).all()
+    # Indices within a token are distinct.
+    assert all(len(set(row)) == K for row in code.idx.tolist())
+
+
+def test_relu_zeros_negative_latents_before_topk():
+    # A negative b_enc leaves fewer than K positive pre-activations on many tokens: those stay at zero.
+    sae = make_sae(b_enc=-1.5)
+    x = rand(256, D, seed=5)
+    raw = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # [B, F] before ReLU
+    code = sae.encode(x)
+    assert (code.acts >= 0).all()
+    positive = (raw > 0).sum(dim=1).clamp(max=K)
+    assert (positive < K).any()
+    assert torch.equal((sae.dense(code) > 0).sum(dim=1), positive)
+
+
+def test_forward_equals_decode_of_encode():
+    sae = make_sae(b_enc=0.1)
+    x = rand(64, D, seed=1)
+    out = sae(x)
+    code = sae.encode(x)
+    torch.testing.assert_close(out.x_hat, sae.decode(code), rtol=0, atol=0)
+    torch.testing.assert_close(out.acts, code.acts, rtol=0, atol=0)
+    assert torch.equal(out.idx, code.idx)
+    torch.testing.assert_close(out.pre_acts, sae.pre_acts(x))
+    assert out.x_hat.shape == x.shape and out.pre_acts.shape == (64, F)
+
+
+def test_sparse_decode_equals_dense_reference():
+    sae = make_sae(b_enc=0.5)
+    code = sae.encode(rand(50, D, seed=2))
+    reference = sae.dense(code) @ sae.W_dec + sae.b_dec  # [B, F] @ [F, D]
+    torch.testing.assert_close(sae.decode(code), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decode_gradients_equal_dense_reference():
+    sae = make_sae(b_enc=0.5)
+    x = rand(40, D, seed=4)
+
+    def grads(decode):
+        sae.zero_grad(set_to_none=True)
+        code = sae.encode(x)
+        fvu(x, decode(code)).backward()
+        return {n: p.grad.clone() for n, p in sae.named_parameters()}
+
+    fast = grads(sae.decode)
+    slow = grads(lambda code: sae.dense(code) @ sae.W_dec + sae.b_dec)
+    for name in fast:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_decode_of_a_hand_made_code():
+    sae = make_sae()
+    code = Code(acts=torch.tensor([[2.0, 0.5]]), idx=torch.tensor([[3, 7]]))
+    expected = 2.0 * sae.W_dec[3] + 0.5 * sae.W_dec[7] + sae.b_dec
+    torch.testing.assert_close(sae.decode(code)[0], expected)
+
+
+def test_initial_decoder_rows_are_unit_norm_and_encoder_is_transpose():
+    sae = SAE(D, F, K, seed=5)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F))
+    torch.testing.assert_close(sae.W_enc, sae.W_dec.T)
+    assert not torch.equal(SAE(D, F, K, seed=6).W_dec, sae.W_dec)
+    assert torch.equal(SAE(D, F, K, seed=5).W_dec, sae.W_dec)
+
+
+def test_normalize_decoder_gives_unit_rows():
+    sae = make_sae()
+    with torch.no_grad():
+        sae.W_dec.mul_(torch.rand(F, 1, generator=torch.Generator().manual_seed(0)) * 5 + 0.1)
+    assert not torch.allclose(sae.W_dec.norm(dim=1), torch.ones(F))
+    direction = sae.W_dec / sae.W_dec.norm(dim=1, keepdim=True)
+    sae.normalize_decoder()
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F))
+    torch.testing.assert_close(sae.W_dec, direction)  # only the norm changed
+
+
+def test_decoder_rows_stay_unit_norm_through_training_steps():
+    sae = make_sae(b_enc=0.1)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
+    before = sae.W_dec.detach().clone()
+    for step in range(5):
+        x = rand(64, D, seed=10 + step)
+        out = sae(x)
+        opt.zero_grad()
+        fvu(x, out.x_hat).backward()
+        sae.remove_parallel_grad()
+        opt.step()
+        sae.normalize_decoder()
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F))
+    assert (sae.W_dec - before).abs().max() > 1e-3  # the steps did move the decoder
+
+
+def test_remove_parallel_grad_leaves_orthogonal_gradients():
+    sae = make_sae(b_enc=0.1)
+    x = rand(64, D, seed=7)
+    fvu(x, sae(x).x_hat).backward()
+    grad = sae.W_dec.grad.clone()
+    along = (grad * sae.W_dec).sum(dim=1)
+    assert along.abs().max() > 1e-4  # the raw gradient does have a parallel part
+    sae.remove_parallel_grad()
+    after = sae.W_dec.grad
+    torch.testing.assert_close((after * sae.W_dec).sum(dim=1), torch.zeros(F), atol=1e-7, rtol=0)
+    # Exactly the parallel part is removed.
+    torch.testing.assert_close(after, grad - along[:, None] * sae.W_dec)
+
+
+def test_remove_parallel_grad_without_gradient_is_a_no_op():
+    sae = make_sae()
+    sae.remove_parallel_grad()
+    assert sae.W_dec.grad is None
+
+
+def test_save_load_round_trip(tmp_path):
+    sae = make_sae(seed=3, b_enc=0.2)
+    with torch.no_grad():
+        sae.W_enc.add_(0.01 * rand(D, F, seed=9))  # no longer the decoder's transpose
+    extra = {"hook": "model.layers.2", "model": "tiny", "d_in": D}
+    sae.save(tmp_path / "run", extra=extra)
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"sae.safetensors", "cfg.json"}
+    cfg = json.loads((tmp_path / "run" / "cfg.json").read_text())
+    assert cfg == {"arch": "topk", "d_in": D, "d_sae": F, "k": K} | extra
+    assert read_config(tmp_path / "run") == cfg
+
+    loaded = SAE.load(tmp_path / "run")
+    assert (loaded.d_in, loaded.d_sae, loaded.k) == (D, F, K)
+    for name, p in sae.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name
+    x = rand(20, D, seed=8)
+    a, b = sae(x), loaded(x)
+    assert torch.equal(a.x_hat, b.x_hat) and torch.equal(a.idx, b.idx) and torch.equal(a.acts, b.acts)
+
+    # Saving again over the same directory replaces the files and leaves no temporary ones.
+    loaded.save(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "cfg.json").read_text()) == loaded.config()
+    assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("k", [64, 65, 0, -1])
+def test_bad_k_raises_naming_k(k):
+    with pytest.raises(ValueError, match=rf"sae\.k={k}\b.*d_sae={F}"):
+        SAE(D, F, k)
+
+
+def test_largest_valid_k():
+    sae = SAE(D, F, F - 1)
+    assert sae.encode(rand(3, D)).acts.shape == (3, F - 1)
+
+
+def test_load_from_empty_dir_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="sae.safetensors"):
+        SAE.load(tmp_path)
+
+
+def test_load_without_config_raises(tmp_path):
+    make_sae().save(tmp_path)
+    (tmp_path / "cfg.json").unlink()
+    with pytest.raises(FileNotFoundError, match="cfg.json"):
+        SAE.load(tmp_path)
