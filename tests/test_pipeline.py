@@ -99,7 +99,7 @@ def test_notebook_runs_against_a_real_run(tiny_run):
 
 def test_multirun_sweep_trains_one_run_per_value(corpus, tmp_path):
     _run("train.py", "-m", *TINY, f"data.path={corpus}", "sae.k=4,8", f"run_dir={tmp_path}/k${{sae.k}}",
-         "wandb.mode=disabled", "do_analyze=false", "eval.loss_contexts=0")  # fmt: skip
+         "wandb.mode=disabled", "do_analyze=false", "eval.loss_contexts=0", cwd=tmp_path)  # fmt: skip
     for k in (4, 8):
         assert json.loads((tmp_path / f"k{k}" / "cfg.json").read_text())["k"] == k
 
