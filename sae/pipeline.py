@@ -111,8 +111,7 @@ def loss_recovered(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConf
     """
     device = next(sae.parameters()).device
     totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-    count, seen = 0, 0
-    batch_size = model_cfg.batch_size
+    count = 0
 
     def only_kept(fn):
         def replace(x: torch.Tensor) -> torch.Tensor:
@@ -126,17 +125,13 @@ def loss_recovered(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConf
         "spliced": only_kept(lambda x: sae(x).x_hat),
         "zero": only_kept(torch.zeros_like),
     }
-    bs = min(batch_size, n_contexts)
-    for batch in tqdm(
-        packed_contexts(data, tokenizer, "test", bs), desc="loss recovered", total=-(-n_contexts // bs)
-    ):
+    bs = min(model_cfg.batch_size, n_contexts)
+    batches = itertools.islice(packed_contexts(data, tokenizer, "test", bs), -(-n_contexts // bs))
+    for batch in tqdm(batches, desc="loss recovered", total=-(-n_contexts // bs)):
         for name, fn in replace.items():
             ce, m = next_token_loss(model, batch.ids, batch.mask, module if fn else None, fn)
             totals[name] += ce
         count += m
-        seen += len(batch.ids)
-        if seen >= n_contexts:
-            break
     ce = {f"ce_{k}": v / count for k, v in totals.items()}
     ce["loss_recovered"] = (ce["ce_zero"] - ce["ce_spliced"]) / (ce["ce_zero"] - ce["ce_clean"])
     return ce
