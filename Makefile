@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN ?= runs/demo
 
-.PHONY: setup demo test test-fast lint format analyze clean
+.PHONY: setup demo test test-fast lint typecheck format analyze clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,9 @@ test-fast: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
 
 format: setup
 	$(BIN)/ruff format . && $(BIN)/ruff check --fix .

@@ -8,6 +8,7 @@ batch's per-feature top-k is merged into the running top-k and the rest is dropp
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -139,7 +140,7 @@ def save_analysis(
                 "acts": [round(a, 3) for a in tensors["window_acts"][f, j, present].tolist()],
                 "center": present.index(W),
             })  # fmt: skip
-        feature = {
+        feature: dict[str, Any] = {
             "id": f, "density": tensors["density"][f].item(), "max_act": round(tensors["max_act"][f].item(), 4),
             "mean_act": round(tensors["mean_act"][f].item(), 4), "examples": examples,
         }  # fmt: skip

@@ -212,9 +212,8 @@ def from_dict(cls: type[T], values: dict[str, Any]) -> T:
     kwargs = {}
     for name, value in values.items():
         sub = fields[name].type
-        kwargs[name] = (
-            from_dict(sub, value) if dataclasses.is_dataclass(sub) and isinstance(value, dict) else value
-        )
+        nested = isinstance(sub, type) and dataclasses.is_dataclass(sub) and isinstance(value, dict)
+        kwargs[name] = from_dict(sub, value) if nested else value  # type: ignore[arg-type]
     return cls(**kwargs)
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 
-def atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Calls `write(tmp)` for a temporary path in `path`'s directory, then renames it onto `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

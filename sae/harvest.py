@@ -11,9 +11,11 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from sae.config import ModelConfig
 from sae.data import Contexts, cache_dir
@@ -63,7 +65,7 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>")
 
 
-def tiny_model(seed: int = 0) -> nn.Module:
+def tiny_model(seed: int = 0) -> PreTrainedModel:
     """A 4-block Llama with d_model 64 and random weights, for tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -91,8 +93,8 @@ def _smollm2_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
     # The de-quantized weights are plain float tensors; drop the GGUF marker so they can be saved as such.
-    model.hf_quantizer = None
-    model.is_quantized = False
+    setattr(model, "hf_quantizer", None)  # noqa: B010  (attributes transformers types as submodules)
+    setattr(model, "is_quantized", False)  # noqa: B010
     del model.config.quantization_config
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp)
@@ -102,7 +104,7 @@ def _smollm2_dir() -> Path:
     return out
 
 
-def load_model(cfg: ModelConfig) -> tuple[nn.Module, object]:
+def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) for `cfg`, in eval mode on its device and dtype, with gradients off."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,14 +117,14 @@ def load_model(cfg: ModelConfig) -> tuple[nn.Module, object]:
         kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
         tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
-    model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # type: ignore[call-arg]  # decorated .to
     return model, tokenizer
 
 
 # --- naming modules -------------------------------------------------------------------------------------
 
 
-def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def blocks(model: PreTrainedModel) -> tuple[str, nn.ModuleList]:
     """(path, list) of the model's transformer blocks: the ModuleList as long as its layer count."""
     n = model.config.num_hidden_layers
     for name, module in model.named_modules():
@@ -131,7 +133,7 @@ def blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise ValueError(f"cannot find the {n} transformer blocks of {type(model).__name__}; set model.module")
 
 
-def resolve_module(model: nn.Module, cfg: ModelConfig) -> str:
+def resolve_module(model: PreTrainedModel, cfg: ModelConfig) -> str:
     """The full module path to hook: `cfg.module` (a path or `resid.L` alias) or the block `cfg.layer`."""
     path, layers = blocks(model)
     spec = cfg.module if cfg.module is not None else f"resid.{cfg.layer}"
@@ -166,7 +168,7 @@ def _first(output):
 
 
 @torch.inference_mode()
-def capture(model: nn.Module, names: list[str], ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def capture(model: PreTrainedModel, names: list[str], ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Activations [N, T, D] of modules `names` for token ids [N, T]; the forward stops after the last one."""
     modules = dict(model.named_modules())
     out: dict[str, torch.Tensor] = {}
@@ -208,7 +210,7 @@ def keep_rows(x: torch.Tensor, max_norm_ratio: float) -> torch.Tensor:
 
 
 def activations(
-    model: nn.Module, name: str, contexts: Iterable[Contexts], max_tokens: int | None = None,
+    model: PreTrainedModel, name: str, contexts: Iterable[Contexts], max_tokens: int | None = None,
     max_norm_ratio: float = 0.0,
 ) -> Iterator[tuple[torch.Tensor, Contexts, torch.Tensor]]:  # fmt: skip
     """Yields (acts [B, D] float32, the contexts, used [N, T]) until `max_tokens` tokens were yielded.

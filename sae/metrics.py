@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from transformers import PreTrainedModel
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -40,7 +40,7 @@ def dead_fraction(counts: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def next_token_loss(
-    model: nn.Module,
+    model: PreTrainedModel,
     ids: torch.Tensor,
     mask: torch.Tensor,
     module: str | None = None,

@@ -132,16 +132,17 @@ def loss_recovered(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConf
             ce, m = next_token_loss(model, batch.ids, batch.mask, module if fn else None, fn)
             totals[name] += ce
         count += m
-    ce = {f"ce_{k}": v / count for k, v in totals.items()}
-    ce["loss_recovered"] = (ce["ce_zero"] - ce["ce_spliced"]) / (ce["ce_zero"] - ce["ce_clean"])
-    return ce
+    out = {f"ce_{k}": v / count for k, v in totals.items()}
+    out["loss_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / (out["ce_zero"] - out["ce_clean"])
+    return out
 
 
 def _wandb_run(cfg: TrainJob, run_dir: Path):
     import wandb
 
     return wandb.init(
-        mode=cfg.wandb.mode, project=cfg.wandb.project, entity=cfg.wandb.entity,
+        mode=cfg.wandb.mode,  # type: ignore[arg-type]  # checked against WANDB_MODES in config.py
+        project=cfg.wandb.project, entity=cfg.wandb.entity,
         name=cfg.wandb.name or Path(cfg.run_dir).name, dir=str(run_dir), config=dataclasses.asdict(cfg),
         settings=wandb.Settings(quiet=True),  # its closing hints name the temporary directory; ours follow
     )  # fmt: skip
