@@ -21,7 +21,7 @@ from sae import dashboard, harvest
 from sae.config import AnalyzeJob, DataConfig, ModelConfig, TrainJob, from_dict
 from sae.data import Contexts, packed_contexts
 from sae.files import write_json
-from sae.metrics import firing_counts, next_token_loss
+from sae.metrics import dead_fraction, firing_counts, next_token_loss
 from sae.model import SAE
 from sae.train import train
 
@@ -95,7 +95,7 @@ def held_out_pass(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConfi
     return {
         "fvu": sq_err / total_var,
         "l0": l0_sum / n,
-        "dead_fraction": (counts == 0).float().mean().item(),
+        "dead_fraction": dead_fraction(counts),
         "held_out_tokens": n,
         "outlier_fraction": 1 - n / text_tokens,
     }

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from sae.config import SAEConfig, TrainConfig
 from sae.files import save_tensors, write_json
-from sae.metrics import fvu
+from sae.metrics import fvu, l0
 from sae.model import SAE
 
 Logger = Callable[[dict, int], None]
@@ -138,7 +138,7 @@ def train(
         if step % cfg.log_every == 0 or step == steps - 1:
             metrics = {
                 "train/loss": loss.item(), "train/fvu": loss_main.item(), "train/auxk": loss_aux.item(),
-                "train/l0": (out.acts > 0).float().sum(-1).mean().item(), "train/dead_fraction": dead.float().mean().item(),
+                "train/l0": l0(out.acts).item(), "train/dead_fraction": dead.float().mean().item(),
                 "train/lr": sched.get_last_lr()[0], "train/tokens": tokens,
             }  # fmt: skip
             log(metrics, step)
