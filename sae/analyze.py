@@ -15,7 +15,7 @@ import torch
 from sae.config import AnalyzeConfig
 from sae.data import Contexts
 from sae.files import save_tensors, write_text
-from sae.model import SAE
+from sae.model import SAE, Code
 
 
 class FeatureStats:
@@ -79,13 +79,17 @@ class FeatureStats:
         }  # fmt: skip
 
 
+def place_latents(sae: SAE, code: Code, used: torch.Tensor) -> torch.Tensor:
+    """Latents z [N, T, F] on the CPU with the code of B tokens at the B True positions of `used` [N, T]
+    and zeros elsewhere (the layout `FeatureStats.update` takes)."""
+    z = torch.zeros(*used.shape, sae.d_sae)
+    z[used.cpu()] = sae.dense(code).float().cpu()
+    return z
+
+
 def dense_latents(sae: SAE, acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Latents z [N, T, F] for activations [N, T, D], zero at masked positions."""
-    N, T, _ = acts.shape
-    x = acts[mask.to(acts.device)].float()  # [B, D]
-    z = torch.zeros(N, T, sae.d_sae, device=x.device)
-    z[mask.to(acts.device)] = sae.dense(sae.encode(x))
-    return z
+    return place_latents(sae, sae.encode(acts[mask.to(acts.device)].float()), mask)
 
 
 @torch.no_grad()

@@ -87,9 +87,7 @@ def held_out_pass(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConfi
             n += len(x)
             text_tokens += int(batch.mask.sum())
             if stats is not None:
-                z = torch.zeros(*used.shape, sae.d_sae)  # [N, T, F]
-                z[used] = sae.dense(code).cpu()
-                stats.update(z, batch)
+                stats.update(an.place_latents(sae, code, used), batch)
             bar.update(len(x))
     total_var = sum_x2 - sum_x.pow(2).sum().item() / n  # sum ||x - mean||^2
     return {
