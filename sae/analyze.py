@@ -100,7 +100,9 @@ def logit_lens(sae: SAE, model, k: int, chunk: int = 1024) -> tuple[torch.Tensor
     norm = getattr(getattr(model, "model", None), "norm", None)
     scale = norm.weight.float().cpu() if norm is not None and hasattr(norm, "weight") else 1.0
     outs = []
-    for W in (sae.W_dec.float().cpu() * scale).split(chunk):  # [chunk, D]
+    directions = sae.W_dec.float().cpu()
+    directions = directions / directions.norm(dim=1, keepdim=True).clamp_min(1e-8)  # [F, D]
+    for W in (directions * scale).split(chunk):  # [chunk, D]
         logits = W @ W_U.T  # [chunk, V]
         top, bottom = logits.topk(k, dim=1), logits.topk(k, dim=1, largest=False)
         outs.append((top.values, top.indices, bottom.values, bottom.indices))

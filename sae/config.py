@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ARCHS = ("topk",)
+ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -72,13 +72,25 @@ class DataConfig:
 @dataclass
 class SAEConfig:
     arch: str = "topk"
-    """Architecture; one of ARCHS."""
+    """Architecture, one of ARCHS: topk, batchtopk, matryoshka (BatchTopK), jumprelu, relu (L1)."""
     expansion_factor: int = 8
     """d_sae = expansion_factor * d_in."""
     k: int = 32
-    """Active latents per token (TopK)."""
+    """Active latents per token (topk); per token on average over the batch (batchtopk, matryoshka)."""
     b_dec_init: str = "geometric_median"
     """How b_dec starts: `geometric_median` or `mean` of a sample of activations, or `zeros`."""
+    multi_topk: bool = False
+    """topk: add L(4k)/8 to the loss so the SAE also works at larger k (Gao et al. 2024, sec. 5.3)."""
+    prefixes: list[float] = field(default_factory=lambda: [0.0625, 0.125, 0.25, 0.5, 1.0])
+    """matryoshka: nested dictionary sizes as fractions of d_sae, increasing, ending at 1."""
+    sparsity_coef: float | None = None
+    """jumprelu: L0 coefficient; relu: L1 coefficient, both in FVU units; None: the architecture's default."""
+    bandwidth: float = 0.001
+    """jumprelu: width eps of the straight-through kernel (on inputs scaled to mean norm sqrt(D))."""
+    threshold_init: float = 0.001
+    """jumprelu: initial threshold of every latent (Rajamanoharan et al. 2024)."""
+    hook: str | None = None
+    """Module this SAE reads (a path or `resid.L`); None: the model's `module` / `layer`."""
 
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, f"sae.arch={self.arch!r} is not one of {ARCHS}")
@@ -86,6 +98,23 @@ class SAEConfig:
         _check(self.k >= 1, f"sae.k={self.k} must be >= 1")
         inits = ("geometric_median", "mean", "zeros")
         _check(self.b_dec_init in inits, f"sae.b_dec_init={self.b_dec_init!r} is not one of {inits}")
+        p = list(self.prefixes)
+        _check(
+            bool(p) and p == sorted(set(p)) and p[0] > 0 and p[-1] == 1,
+            f"sae.prefixes={p} must be increasing fractions of d_sae in (0, 1], ending at 1",
+        )
+        _check(
+            self.sparsity_coef is None or self.sparsity_coef >= 0,
+            f"sae.sparsity_coef={self.sparsity_coef} must be >= 0 or null",
+        )
+        _check(self.bandwidth > 0, f"sae.bandwidth={self.bandwidth} must be > 0")
+        _check(self.threshold_init >= 0, f"sae.threshold_init={self.threshold_init} must be >= 0")
+
+    @property
+    def name(self) -> str:
+        """A short name for the run directory of one of several SAEs: `topk-k32-x8[-hook]`."""
+        hook = f"-{self.hook}" if self.hook else ""
+        return f"{self.arch}-k{self.k}-x{self.expansion_factor}{hook}"
 
 
 @dataclass
@@ -110,10 +139,23 @@ class TrainConfig:
     """AuxK loss coefficient (Gao et al. 2024, appendix A.2)."""
     dead_tokens: int = 250_000
     """A latent that has not fired for this many tokens counts as dead."""
+    grad_clip: float = 1.0
+    """Clip the gradient's global norm to this (0: no clipping)."""
+    sparsity_warmup: float = 0.05
+    """Fraction of steps over which the jumprelu/relu sparsity coefficient ramps up linearly from 0."""
+    normalize_inputs: bool = True
+    """Scale inputs so their mean norm is sqrt(D) (estimated on the first batch, folded into the saved
+    weights, so the saved SAE takes raw activations)."""
+    autocast: bool = True
+    """On CUDA, run the SAE's matmuls in bf16 autocast (fp32 master weights, no GradScaler needed)."""
+    compile: bool = False
+    """torch.compile the training step."""
+    eval_every: int = 500
+    """Steps between in-training evaluations on held-out tokens: density histogram, loss recovered (0: off)."""
     checkpoint_every: int = 200
     """Steps between checkpoints (0: only the final one)."""
-    log_every: int = 20
-    """Steps between logged metrics."""
+    log_every: int = 50
+    """Steps between logged metrics (W&B and a console line)."""
     seed: int = 0
     """Seed for initialisation and shuffling."""
 
@@ -124,6 +166,9 @@ class TrainConfig:
         _check(self.lr is None or self.lr > 0, f"train.lr={self.lr} must be > 0 or null")
         _check(0 <= self.decay_fraction <= 1, f"train.decay_fraction={self.decay_fraction} not in [0, 1]")
         _check(self.warmup_steps >= 0, f"train.warmup_steps={self.warmup_steps} must be >= 0")
+        _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0")
+        _check(0 <= self.sparsity_warmup <= 1, f"train.sparsity_warmup={self.sparsity_warmup} not in [0, 1]")
+        _check(self.eval_every >= 0, f"train.eval_every={self.eval_every} must be >= 0")
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every={self.checkpoint_every} must be >= 0")
 
 
@@ -133,10 +178,13 @@ class EvalConfig:
     """Held-out tokens for FVU, L0 and dead fraction."""
     loss_contexts: int = 64
     """Held-out contexts for the spliced-in language-model loss (0 skips it)."""
+    train_loss_contexts: int = 16
+    """Held-out contexts for the spliced-in loss every `train.eval_every` steps during training (0: off)."""
 
     def __post_init__(self) -> None:
         _check(self.tokens > 0, f"eval.tokens={self.tokens} must be > 0")
-        _check(self.loss_contexts >= 0, f"eval.loss_contexts={self.loss_contexts} must be >= 0")
+        for name in ("loss_contexts", "train_loss_contexts"):
+            _check(getattr(self, name) >= 0, f"eval.{name}={getattr(self, name)} must be >= 0")
 
 
 @dataclass
@@ -184,10 +232,30 @@ class TrainJob:
     eval: EvalConfig = field(default_factory=EvalConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    saes: list[dict[str, Any]] = field(default_factory=list)
+    """Several SAEs from one harvest: each entry overrides fields of `sae` (e.g. `[{k: 16}, {k: 64}]`,
+    `[{arch: topk}, {arch: jumprelu}]`, `[{hook: resid.6}, {hook: resid.15}]`); each is written to
+    `run_dir/<arch>-k<k>-x<expansion>[-hook]`. Empty: the one SAE `sae`, written to `run_dir`."""
     run_dir: str = "runs/default"
     """Where the SAE, its config, metrics and analysis are written (replaced atomically at the end)."""
     do_analyze: bool = True
     """Run the analysis and write the dashboard after training."""
+
+
+def sae_variants(job: TrainJob) -> list[SAEConfig]:
+    """The SAEs a job trains: `job.sae`, or one per entry of `job.saes` (each overriding `job.sae`)."""
+    if not job.saes:
+        return [job.sae]
+    base = dataclasses.asdict(job.sae)
+    variants = []
+    for entry in job.saes:
+        unknown = sorted(set(entry) - set(base))
+        _check(not unknown, f"saes entry {entry} has unknown keys {unknown}; accepted: {sorted(base)}")
+        variants.append(SAEConfig(**(base | entry)))
+    names = [v.name for v in variants]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    _check(not dupes, f"saes lists the same SAE more than once: {dupes}")
+    return variants
 
 
 @dataclass

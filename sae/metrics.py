@@ -1,12 +1,18 @@
 """What researchers report about an SAE, as pure functions.
 
-- FVU, fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 (centered, over the
-  batch); 1 - FVU is the explained variance.
+Peers define these differently, so here is exactly what ours mean:
+- FVU, fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, centered on the mean
+  of the tokens evaluated. This is the number we optimise and report first (as sparsify does).
+- Explained variance, uncentered: 1 - sum ||x - x_hat||^2 / sum ||x||^2, what SAELens and SAEBench print.
+  It is higher than 1 - FVU whenever the activations have a non-zero mean.
 - L0: mean number of non-zero latents per token.
-- Dead fraction: latents that never fired over a span of tokens.
-- Loss recovered: the language model's next-token cross-entropy with the SAE's reconstruction spliced in
-  place of the hooked activation, between the clean model (1.0) and zero-ablation of it (0.0):
-  (CE_zero - CE_spliced) / (CE_zero - CE_clean). Only text positions are replaced and scored; BOS/EOS stay.
+- Dead fraction: latents that did not fire on any token of a span; dense fraction: latents firing on more
+  than 10% of the tokens of a span.
+- Spliced-in loss: the language model's next-token cross-entropy with the SAE's reconstruction in place of
+  the hooked activation. Reported as raw delta CE in nats (spliced - clean), as the KL divergence of the
+  spliced next-token distribution from the clean one (nats per token), and as the fraction of the loss
+  recovered against zero ablation, (CE_zero - CE_spliced) / (CE_zero - CE_clean).
+- BOS/EOS/PAD positions are masked everywhere: never trained on, never replaced, never scored.
 """
 
 from collections.abc import Callable
@@ -21,6 +27,11 @@ def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     residual = (x - x_hat).pow(2).sum()
     total = (x - x.mean(dim=0)).pow(2).sum()
     return residual / total.clamp_min(1e-12)
+
+
+def explained_variance(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Uncentered explained variance, 1 - sum ||x - x_hat||^2 / sum ||x||^2 (SAELens' definition)."""
+    return 1 - (x - x_hat).pow(2).sum() / x.pow(2).sum().clamp_min(1e-12)
 
 
 def l0(acts: torch.Tensor) -> torch.Tensor:
@@ -39,18 +50,32 @@ def dead_fraction(counts: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def next_token_loss(
+def spliced_losses(
     model: PreTrainedModel,
     ids: torch.Tensor,
     mask: torch.Tensor,
-    module: str | None = None,
-    replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> tuple[float, int]:
-    """(summed next-token CE, number of scored targets) on contexts ids [N, T].
+    module: str,
+    replacements: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+) -> dict[str, float]:
+    """Summed next-token CE of the clean model and of each replacement, and each one's summed KL from the
+    clean next-token distribution, on contexts ids [N, T]; `targets` is the number of scored positions.
 
-    With `module` and `replace`, the module's output at text positions (`mask` [N, T]) is replaced by
-    `replace(acts [B, D] float32) -> [B, D]` before the rest of the model runs.
+    Keys: `ce_clean`, `ce_<name>`, `kl_<name>` for each replacement name, `targets`.
     """
+    clean = _logits(model, ids, mask)  # [M, V] at scored positions
+    targets = ids[:, 1:].to(model.device)[mask[:, 1:].to(model.device)]
+    clean_logp = clean.log_softmax(dim=-1)
+    out = {"ce_clean": F.nll_loss(clean_logp, targets, reduction="sum").item(), "targets": len(targets)}
+    for name, fn in replacements.items():
+        logp = _logits(model, ids, mask, module, fn).log_softmax(dim=-1)
+        out[f"ce_{name}"] = F.nll_loss(logp, targets, reduction="sum").item()
+        out[f"kl_{name}"] = F.kl_div(logp, clean_logp, log_target=True, reduction="sum").item()
+    return out
+
+
+def _logits(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, module: str | None = None,
+            replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+    """Float32 next-token logits [M, V] at the positions whose target is a text token."""
     mask = mask.to(model.device)
     handle = None
     if module is not None and replace is not None:
@@ -67,7 +92,22 @@ def next_token_loss(
     finally:
         if handle is not None:
             handle.remove()
-    targets = ids[:, 1:].to(model.device)
-    scored = mask[:, 1:]
-    ce = F.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="sum")
-    return ce.item(), int(scored.sum())
+    return logits[:, :-1][mask[:, 1:]].float()
+
+
+@torch.inference_mode()
+def next_token_loss(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    module: str | None = None,
+    replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[float, int]:
+    """(summed next-token CE, number of scored targets) on contexts ids [N, T].
+
+    With `module` and `replace`, the module's output at text positions (`mask` [N, T]) is replaced by
+    `replace(acts [B, D] float32) -> [B, D]` before the rest of the model runs.
+    """
+    logits = _logits(model, ids, mask, module, replace)  # [M, V]
+    targets = ids[:, 1:].to(model.device)[mask[:, 1:].to(model.device)]
+    return F.cross_entropy(logits, targets, reduction="sum").item(), len(targets)

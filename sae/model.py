@@ -1,13 +1,26 @@
-"""The sparse autoencoder.
+"""The sparse autoencoder: one module, five architectures.
 
-TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"):
+Every architecture shares the same parameters and the same affine maps,
 
-    z     = TopK(ReLU((x - b_dec) @ W_enc + b_enc))      # [B, F], K non-zeros per row
-    x_hat = z @ W_dec + b_dec                            # [B, D]
+    pre   = ReLU((x - b_dec) @ W_enc + b_enc)      # [B, F]
+    x_hat = z @ W_dec + b_dec                      # [B, D]
 
-with W_enc [D, F], b_enc [F], W_dec [F, D] (unit-norm rows: each latent's direction), b_dec [D]. The
-code keeps only the K active values and their indices, and decodes them as a weighted sum of K decoder
-rows (`embedding_bag`), never materialising the dense [B, F] @ [F, D] product.
+with W_enc [D, F], b_enc [F], W_dec [F, D] (row i: latent i's direction), b_dec [D]. They differ only in the
+activation that turns `pre` into the sparse code z and in the sparsity term of the loss:
+
+| arch         | z (training)                                   | z (inference)         | sparsity from     |
+|--------------|------------------------------------------------|-----------------------|-------------------|
+| `topk`       | the k largest of each token (Gao et al. 2024)  | same                  | the activation    |
+| `batchtopk`  | the k*B largest of the batch (Bussmann 2024)   | pre > one threshold   | the activation    |
+| `matryoshka` | BatchTopK; every prefix of the dictionary      | pre > one threshold   | the activation    |
+|              | reconstructs x on its own (Bussmann 2025)      |                       |                   |
+| `jumprelu`   | pre * H(pre - theta_i) (Rajamanoharan 2024)    | same                  | L0 penalty        |
+| `relu`       | pre (Anthropic, April 2024 update)             | same                  | L1 * ||W_dec_i||  |
+
+Decoder rows are kept at unit norm for all but `relu`, whose penalty weights each latent by its decoder
+norm instead. At inference the code is sparse: `Code(acts [B, K], idx [B, K])`, K = k for TopK and, for the
+others, the largest number of active latents in the batch (rows with fewer are padded with zero
+activations). `decode` gathers K decoder rows per token (`embedding_bag`) and never forms [B, F] @ [F, D].
 """
 
 import json
@@ -19,7 +32,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from sae.config import ARCHS
 from sae.files import save_tensors, write_json
+from sae.metrics import fvu
 
 WEIGHTS, CONFIG = "sae.safetensors", "cfg.json"
 
@@ -28,13 +43,13 @@ class Code(NamedTuple):
     """The sparse code of a batch of tokens."""
 
     acts: torch.Tensor
-    """[B, K] values of the active latents (>= 0)."""
+    """[B, K] values of the active latents (> 0; 0 marks padding)."""
     idx: torch.Tensor
     """[B, K] indices of the active latents."""
 
 
 class ForwardOutput(NamedTuple):
-    """Everything the training loop needs from one forward pass."""
+    """Inference: the reconstruction and the sparse code it came from."""
 
     x_hat: torch.Tensor
     """[B, D] reconstruction."""
@@ -42,37 +57,132 @@ class ForwardOutput(NamedTuple):
     """[B, K] active latent values."""
     idx: torch.Tensor
     """[B, K] active latent indices."""
-    pre_acts: torch.Tensor
-    """[B, F] encoder pre-activations after ReLU (AuxK draws dead latents from these)."""
+
+
+class Step(NamedTuple):
+    """One training forward pass."""
+
+    x_hat: torch.Tensor
+    """[B, D] reconstruction by the whole dictionary."""
+    z: torch.Tensor
+    """[B, F] latent activations, zero where inactive."""
+    losses: dict[str, torch.Tensor]
+    """Named, already weighted loss terms; the training loss is their sum."""
+
+
+# --- activations and their straight-through gradients ---------------------------------------------------
+
+
+def _rectangle(u: torch.Tensor) -> torch.Tensor:
+    return (u.abs() <= 0.5).to(u.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z = pre * H(pre - theta). Gradient to pre through H; to theta the straight-through estimate
+    -theta/eps * K((pre - theta)/eps) with a rectangle kernel K (Rajamanoharan et al. 2024, eq. 11)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return pre * (pre > theta)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        d_theta = -(theta / ctx.eps) * _rectangle((pre - theta) / ctx.eps) * grad
+        return grad * (pre > theta), d_theta.sum(dim=0), None
+
+
+class _Heaviside(torch.autograd.Function):
+    """H(pre - theta), no gradient to pre; to theta -1/eps * K((pre - theta)/eps) (ibid., eq. 12)."""
+
+    @staticmethod
+    def forward(ctx, pre, theta, eps):
+        ctx.save_for_backward(pre, theta)
+        ctx.eps = eps
+        return (pre > theta).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        pre, theta = ctx.saved_tensors
+        d_theta = -(1.0 / ctx.eps) * _rectangle((pre - theta) / ctx.eps) * grad
+        return None, d_theta.sum(dim=0), None
+
+
+def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(z [B, F] keeping the k*B largest entries of the whole batch, the smallest kept value)."""
+    values, flat = pre.flatten().topk(k * pre.shape[0], sorted=False)
+    z = torch.zeros_like(pre).flatten().scatter(0, flat, values).view_as(pre)
+    return z, values.min()
+
+
+def sparse(z: torch.Tensor) -> Code:
+    """A dense code z [B, F] as Code [B, K], K the most active latents any row has (at least 1)."""
+    k = max(1, int((z > 0).sum(dim=1).max()))
+    acts, idx = z.topk(k, dim=1, sorted=False)
+    return Code(acts.clamp_min(0), idx)
+
+
+# --- the module -----------------------------------------------------------------------------------------
 
 
 class SAE(nn.Module):
-    """A TopK sparse autoencoder over activations of width `d_in` with `d_sae` latents."""
+    """A sparse autoencoder over activations of width `d_in` with `d_sae` latents.
 
-    def __init__(self, d_in: int, d_sae: int, k: int, seed: int = 0):
+    `k`: active latents per token (topk; the batch average for batchtopk and matryoshka). `prefixes`:
+    Matryoshka prefix sizes, increasing, the last equal to `d_sae`. `bandwidth`: JumpReLU's kernel width
+    eps. `threshold_init`: JumpReLU's initial theta.
+    """
+
+    def __init__(self, d_in: int, d_sae: int, k: int = 32, arch: str = "topk", prefixes: tuple[int, ...] = (),
+                 bandwidth: float = 0.001, threshold_init: float = 0.001, seed: int = 0):  # fmt: skip
         super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"sae.arch={arch!r} is not one of {ARCHS}")
         if not 0 < k < d_sae:
             raise ValueError(
                 f"sae.k={k} must be between 1 and the number of latents d_sae={d_sae} (exclusive)"
             )
-        self.d_in, self.d_sae, self.k = d_in, d_sae, k
+        if arch == "matryoshka":
+            prefixes = tuple(prefixes) or (d_sae,)
+            if list(prefixes) != sorted(set(prefixes)) or prefixes[0] < 1 or prefixes[-1] != d_sae:
+                raise ValueError(
+                    f"matryoshka prefixes {list(prefixes)} must increase strictly from >= 1 to d_sae={d_sae}"
+                )
+        self.d_in, self.d_sae, self.k, self.arch = d_in, d_sae, k, arch
+        self.prefixes, self.bandwidth = tuple(prefixes), bandwidth
         g = torch.Generator().manual_seed(seed)
         W_dec = torch.randn(d_sae, d_in, generator=g)
-        W_dec /= W_dec.norm(dim=1, keepdim=True)
+        # Anthropic's April 2024 update starts the unconstrained decoder's rows at norm 0.1.
+        W_dec *= (0.1 if arch == "relu" else 1.0) / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)  # [F, D]
         # Encoder starts as the decoder's transpose (Gao et al. 2024, sec. 2.4): fewer dead latents.
         self.W_enc = nn.Parameter(W_dec.T.clone())  # [D, F]
         self.b_enc = nn.Parameter(torch.zeros(d_sae))  # [F]
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # [D]
+        if arch == "jumprelu":
+            # theta itself is the parameter, not log(theta): Adam moves a log-parameterised threshold by a
+            # relative step, so thresholds starting at 0.001 barely move.
+            self.threshold = nn.Parameter(torch.full((d_sae,), threshold_init))  # [F]
+        if arch in ("batchtopk", "matryoshka"):
+            # Inference threshold: running mean of the smallest activation BatchTopK kept (Bussmann 2024).
+            self.register_buffer("threshold", torch.zeros(()))
+
+    # --- inference ---
 
     def pre_acts(self, x: torch.Tensor) -> torch.Tensor:
         """ReLU((x - b_dec) @ W_enc + b_enc): [B, D] -> [B, F]."""
         return F.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
 
     def encode(self, x: torch.Tensor) -> Code:
-        """The K largest latents of each token: [B, D] -> Code([B, K], [B, K])."""
-        acts, idx = self.pre_acts(x).topk(self.k, dim=-1, sorted=False)
-        return Code(acts, idx)
+        """The active latents of each token: [B, D] -> Code([B, K], [B, K])."""
+        pre = self.pre_acts(x)  # [B, F]
+        if self.arch == "topk":
+            return Code(*pre.topk(self.k, dim=-1, sorted=False))
+        if self.arch == "relu":
+            return sparse(pre)
+        return sparse(pre * (pre > self.threshold))
 
     def decode(self, code: Code) -> torch.Tensor:
         """sum_k acts[:, k] * W_dec[idx[:, k]] + b_dec: Code -> [B, D]."""
@@ -82,14 +192,78 @@ class SAE(nn.Module):
         return x + self.b_dec
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
-        pre = self.pre_acts(x)  # [B, F]
-        acts, idx = pre.topk(self.k, dim=-1, sorted=False)  # [B, K]
-        return ForwardOutput(self.decode(Code(acts, idx)), acts, idx, pre)
+        code = self.encode(x)
+        return ForwardOutput(self.decode(code), code.acts, code.idx)
 
     def dense(self, code: Code) -> torch.Tensor:
         """The code as a dense [B, F] matrix."""
         z = torch.zeros(code.acts.shape[0], self.d_sae, dtype=code.acts.dtype, device=code.acts.device)
         return z.scatter_(1, code.idx, code.acts)
+
+    # --- training ---
+
+    def step(self, x: torch.Tensor, dead: torch.Tensor, sparsity_coef: float = 0.0, auxk_coef: float = 0.0,
+             multi_topk: bool = False) -> Step:  # fmt: skip
+        """The training forward pass of x [B, D] and its loss terms.
+
+        Reconstruction terms are FVUs (scale-free). `dead` [F] marks latents AuxK may use; `sparsity_coef`
+        weights JumpReLU's L0 or ReLU's L1 term; `multi_topk` adds Gao et al.'s (sec. 5.3) L(4k)/8.
+        """
+        pre = self.pre_acts(x)  # [B, F]
+        losses = {}
+        if self.arch == "topk":
+            kk = 4 * self.k if multi_topk else self.k
+            acts, idx = pre.topk(min(kk, self.d_sae), dim=-1, sorted=multi_topk)  # [B, kk]
+            if multi_topk:
+                losses["fvu_4k"] = fvu(x, self.decode(Code(acts, idx))) / 8
+                acts, idx = acts[:, : self.k], idx[:, : self.k]
+            code = Code(acts, idx)
+            x_hat, z = self.decode(code), self.dense(code)
+        elif self.arch in ("batchtopk", "matryoshka"):
+            z, smallest = batch_topk(pre, self.k)
+            if self.training:
+                with torch.no_grad():
+                    self.threshold.lerp_(smallest.detach(), 0.01 if self.threshold > 0 else 1.0)
+            x_hat = z @ self.W_dec + self.b_dec
+            if self.arch == "matryoshka":
+                # Each prefix of the dictionary reconstructs x alone; the loss sums them (Bussmann 2025).
+                part = self.b_dec.expand_as(x)
+                start, prefix_losses = 0, []
+                for end in self.prefixes[:-1]:
+                    part = part + z[:, start:end] @ self.W_dec[start:end]
+                    prefix_losses.append(fvu(x, part))
+                    start = end
+                if prefix_losses:
+                    losses["prefix_fvu"] = torch.stack(prefix_losses).sum()
+        elif self.arch == "jumprelu":
+            z = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
+            x_hat = z @ self.W_dec + self.b_dec
+            l0 = _Heaviside.apply(pre, self.threshold, self.bandwidth).sum(dim=1).mean()
+            losses["l0_penalty"] = sparsity_coef * l0
+        else:  # relu
+            z = pre
+            x_hat = z @ self.W_dec + self.b_dec
+            losses["l1_penalty"] = sparsity_coef * (z * self.W_dec.norm(dim=1)).sum(dim=1).mean()
+        losses["fvu"] = fvu(x, x_hat)
+        if auxk_coef and self.arch in ("topk", "batchtopk", "matryoshka") and bool(dead.any()):
+            losses["auxk"] = auxk_coef * self.auxk(x, x_hat, pre, dead)
+        return Step(x_hat, z, losses)
+
+    def auxk(
+        self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor
+    ) -> torch.Tensor:
+        """AuxK (Gao et al. 2024, appendix A.2): the top-k_aux dead latents, k_aux = D/2, reconstruct the main
+        residual; normalized by the residual's variance so it is scale-free like the main loss."""
+        k_aux = min(self.d_in // 2, int(dead.sum()))
+        residual = (x - x_hat).detach()  # [B, D]
+        acts, idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)  # [B, k_aux]
+        e_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=acts.clamp_min(0), mode="sum")  # [B, D]
+        return fvu(residual, e_hat)
+
+    @property
+    def unit_decoder(self) -> bool:
+        """Whether decoder rows are held at unit norm during training (all but `relu`)."""
+        return self.arch != "relu"
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
@@ -104,8 +278,23 @@ class SAE(nn.Module):
             along = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
             self.W_dec.grad -= along * self.W_dec
 
+    @torch.no_grad()
+    def fold_input_scale(self, scale: float) -> None:
+        """Makes an SAE trained on `scale * x` take raw x: pre-activations are unchanged (W_enc * scale,
+        b_dec / scale) and the reconstruction comes out in raw units (W_dec / scale)."""
+        self.W_enc.mul_(scale)
+        self.W_dec.div_(scale)
+        self.b_dec.div_(scale)
+
+    # --- persistence ---
+
     def config(self) -> dict:
-        return {"arch": "topk", "d_in": self.d_in, "d_sae": self.d_sae, "k": self.k}
+        cfg = {"arch": self.arch, "d_in": self.d_in, "d_sae": self.d_sae, "k": self.k}
+        if self.arch == "matryoshka":
+            cfg["prefixes"] = list(self.prefixes)
+        if self.arch == "jumprelu":
+            cfg["bandwidth"] = self.bandwidth
+        return cfg
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """Writes `sae.safetensors` and `cfg.json` (plus `extra` keys) into directory `path`, atomically."""
@@ -124,7 +313,8 @@ class SAE(nn.Module):
                     f"{path / name} does not exist: is {str(path)!r} an SAE run directory?"
                 )
         cfg = json.loads((path / CONFIG).read_text())
-        sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"])
+        sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], arch=cfg.get("arch", "topk"),
+                  prefixes=tuple(cfg.get("prefixes", ())), bandwidth=cfg.get("bandwidth", 0.001))  # fmt: skip
         sae.load_state_dict(load_file(str(path / WEIGHTS)))
         return sae.to(device)
 

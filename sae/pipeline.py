@@ -10,7 +10,7 @@ import itertools
 import json
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -18,20 +18,20 @@ from tqdm.auto import tqdm
 
 from sae import analyze as an
 from sae import dashboard, harvest
-from sae.config import AnalyzeJob, DataConfig, ModelConfig, TrainJob, from_dict
+from sae.config import AnalyzeJob, DataConfig, ModelConfig, SAEConfig, TrainJob, from_dict, sae_variants
 from sae.data import Contexts, packed_contexts
 from sae.files import write_json
-from sae.metrics import dead_fraction, firing_counts, next_token_loss
+from sae.metrics import dead_fraction, firing_counts, spliced_losses
 from sae.model import SAE
 from sae.train import train
 
 
-def _check_width(cfg: TrainJob, d_in: int) -> None:
-    d_sae = cfg.sae.expansion_factor * d_in
-    if cfg.sae.k >= d_sae:
+def _check_width(sae: SAEConfig, d_in: int) -> None:
+    d_sae = sae.expansion_factor * d_in
+    if sae.k >= d_sae:
         raise ValueError(
-            f"sae.k={cfg.sae.k} must be smaller than the number of latents d_sae={d_sae} "
-            f"(sae.expansion_factor={cfg.sae.expansion_factor} x d_in={d_in})"
+            f"sae.k={sae.k} must be smaller than the number of latents d_sae={d_sae} "
+            f"(sae.expansion_factor={sae.expansion_factor} x d_in={d_in})"
         )
 
 
@@ -92,6 +92,7 @@ def held_out_pass(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConfi
     total_var = sum_x2 - sum_x.pow(2).sum().item() / n  # sum ||x - mean||^2
     return {
         "fvu": sq_err / total_var,
+        "explained_variance": 1 - sq_err / sum_x2,
         "l0": l0_sum / n,
         "dead_fraction": dead_fraction(counts),
         "held_out_tokens": n,
@@ -100,37 +101,34 @@ def held_out_pass(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConfi
 
 
 @torch.no_grad()
-def loss_recovered(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConfig, data: DataConfig,
-                   n_contexts: int) -> dict:  # fmt: skip
-    """Next-token CE on held-out contexts: clean, with the SAE spliced in, and with the activation zeroed.
+def loss_recovered(reconstruct: Callable[[torch.Tensor], torch.Tensor], model, tokenizer, module: str,
+                   model_cfg: ModelConfig, data: DataConfig, n_contexts: int, progress: bool = True) -> dict:  # fmt: skip
+    """The LM's next-token loss on held-out contexts, clean, with `reconstruct` (raw activations [B, D] ->
+    reconstructions) spliced in, and with the activation zeroed: CE of each, delta CE and KL (nats per
+    token) of the spliced and zero-ablated runs, and the fraction of loss recovered.
 
     Tokens `keep_rows` skips (massive activations) keep their activation in both the spliced and the
     zero-ablated run, so both change exactly the tokens the SAE is evaluated on.
     """
-    device = next(sae.parameters()).device
-    totals = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-    count = 0
 
     def only_kept(fn):
         def replace(x: torch.Tensor) -> torch.Tensor:
             keep = harvest.keep_rows(x, model_cfg.max_norm_ratio)[:, None]
-            return torch.where(keep, fn(x.to(device)).to(x.device), x)
+            return torch.where(keep, fn(x).to(x.device), x)
 
         return replace
 
-    replace = {
-        "clean": None,
-        "spliced": only_kept(lambda x: sae(x).x_hat),
-        "zero": only_kept(torch.zeros_like),
-    }
+    replacements = {"spliced": only_kept(reconstruct), "zero": only_kept(torch.zeros_like)}
     bs = min(model_cfg.batch_size, n_contexts)
-    batches = itertools.islice(packed_contexts(data, tokenizer, "test", bs), -(-n_contexts // bs))
-    for batch in tqdm(batches, desc="loss recovered", total=-(-n_contexts // bs)):
-        for name, fn in replace.items():
-            ce, m = next_token_loss(model, batch.ids, batch.mask, module if fn else None, fn)
-            totals[name] += ce
-        count += m
-    out = {f"ce_{k}": v / count for k, v in totals.items()}
+    n_batches = -(-n_contexts // bs)
+    batches = itertools.islice(packed_contexts(data, tokenizer, "test", bs), n_batches)
+    totals: dict[str, float] = {}
+    for batch in tqdm(batches, desc="loss recovered", total=n_batches, disable=not progress):
+        for key, value in spliced_losses(model, batch.ids, batch.mask, module, replacements).items():
+            totals[key] = totals.get(key, 0.0) + value
+    n = totals.pop("targets")
+    out = {key: value / n for key, value in totals.items()}
+    out["delta_ce"] = out["ce_spliced"] - out["ce_clean"]
     out["loss_recovered"] = (out["ce_zero"] - out["ce_spliced"]) / (out["ce_zero"] - out["ce_clean"])
     return out
 
@@ -152,60 +150,125 @@ def _replace_dir(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
+def _logger(run):
+    """Logs to W&B (1-D tensors as histograms) and prints evaluation results to the console."""
+    import wandb
+
+    def log(metrics: dict, step: int) -> None:
+        run.log({k: wandb.Histogram(v.numpy()) if torch.is_tensor(v) else v for k, v in metrics.items()},
+                step=step)  # fmt: skip
+        shown = {k.split("/")[-1]: v for k, v in metrics.items() if not torch.is_tensor(v)}
+        tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
+
+    return log
+
+
+def harvest_modules(model, modules: list[str], contexts: Iterator[Contexts], max_tokens: int,
+                    max_norm_ratio: float) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Harvests up to `max_tokens` activations [B, D] of each module, all from the same forward passes."""
+    if len(modules) == 1:
+        return {modules[0]: harvest_in_memory(model, modules[0], contexts, max_tokens, max_norm_ratio)}
+    chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+    total = 0
+    with tqdm(total=max_tokens, desc="harvest", unit="tok", unit_scale=True) as bar:
+        for batch in contexts:
+            acts = harvest.capture(model, modules, batch.ids)
+            for m in modules:
+                x = acts[m][batch.mask.to(acts[m].device)].float()
+                chunks[m].append(x[harvest.keep_rows(x, max_norm_ratio)].cpu())
+            n = int(batch.mask.sum())
+            total += n
+            bar.update(n)
+            if total >= max_tokens:
+                break
+    return {m: torch.cat(c)[:max_tokens] for m, c in chunks.items()}
+
+
+def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str, d_in: int,
+               batches: Iterator[torch.Tensor], out_dir: Path, final_dir: Path, start: float) -> dict:  # fmt: skip
+    """Trains one SAE on `batches`, evaluates and analyses it, and writes its run directory `out_dir`."""
+    device = harvest.resolve_device(cfg.model.device)
+    job = dataclasses.replace(cfg, sae=sae_cfg, saes=[], run_dir=str(final_dir))
+    run = _wandb_run(job, out_dir)
+    try:
+
+        def evaluate(reconstruct) -> dict:
+            if not cfg.eval.train_loss_contexts:
+                return {}
+            return loss_recovered(reconstruct, model, tokenizer, module, cfg.model, cfg.data,
+                                  cfg.eval.train_loss_contexts, progress=False)  # fmt: skip
+
+        sae = train(sae_cfg, cfg.train, batches, log=_logger(run), checkpoint_dir=out_dir / "checkpoint",
+                    device=device, evaluate=evaluate)  # fmt: skip
+        stats = an.FeatureStats(sae.d_sae, cfg.analyze) if cfg.do_analyze else None
+        tokens = max(cfg.eval.tokens, cfg.analyze.tokens if cfg.do_analyze else 0)
+        metrics = held_out_pass(sae, model, tokenizer, module, cfg.model, cfg.data, tokens, stats)
+        if cfg.eval.loss_contexts:
+            metrics |= loss_recovered(lambda x: sae(x.to(device)).x_hat, model, tokenizer, module, cfg.model,
+                                      cfg.data, cfg.eval.loss_contexts)  # fmt: skip
+        metrics["wall_seconds"] = round(time.time() - start, 1)
+        run.summary.update({f"eval/{k}": v for k, v in metrics.items()})
+        meta = {"model": cfg.model.name, "hook": module, "d_in": d_in}
+        sae.save(out_dir, extra=meta | {"data": cfg.data.path, "context_size": cfg.data.context_size})
+        write_json(out_dir / "run.json", dataclasses.asdict(job))
+        write_json(out_dir / "metrics.json", metrics)
+        if stats is not None:
+            lens = an.logit_lens(sae, model, cfg.analyze.logit_k)
+            an.save_analysis(stats, out_dir, tokenizer, meta | {"d_sae": sae.d_sae, "k": sae.k}, lens)
+            dashboard.render_dashboard(dashboard.load_analysis(out_dir), out_dir / "dashboard.html")
+    finally:
+        run.finish()
+    return metrics
+
+
 def run_training(cfg: TrainJob) -> dict:
-    """Harvest, train, evaluate on held-out rows and (if `do_analyze`) analyze; returns the metrics."""
+    """Harvest once, then train, evaluate on held-out rows and (if `do_analyze`) analyze each SAE of the job;
+    returns the metrics (for several SAEs, keyed by each one's directory name)."""
     start = time.time()
+    variants = sae_variants(cfg)
     model, tokenizer = harvest.load_model(cfg.model)
-    module = harvest.resolve_module(model, cfg.model)
+    default = harvest.resolve_module(model, cfg.model)
+    modules = [harvest.resolve_module(model, dataclasses.replace(cfg.model, module=v.hook)) if v.hook
+               else default for v in variants]  # fmt: skip
+    if len(variants) > 1 and not cfg.train.in_memory:
+        raise ValueError(
+            f"{len(variants)} SAEs in `saes` need train.in_memory=true (one harvest shared by all)"
+        )
     train_contexts = packed_contexts(cfg.data, tokenizer, "train", cfg.model.batch_size)
     first = next(train_contexts)  # fails now on a bad corpus, before any long work
-    d_in = harvest.capture(model, [module], first.ids[:1])[module].shape[-1]
-    _check_width(cfg, d_in)
+    widths = {m: x.shape[-1] for m, x in harvest.capture(model, sorted(set(modules)), first.ids[:1]).items()}
+    for v, m in zip(variants, modules):
+        _check_width(v, widths[m])
 
     final = Path(cfg.run_dir)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        device = harvest.resolve_device(cfg.model.device)
-        g = torch.Generator().manual_seed(cfg.train.seed)
         contexts = itertools.chain([first], train_contexts)
         if cfg.train.in_memory:
-            x = harvest_in_memory(model, module, contexts, cfg.train.harvest_tokens, cfg.model.max_norm_ratio)
-            batches = harvest.epochs(x, cfg.train.batch_size, cfg.train.tokens, g)
-        else:
-            batches = _streamed(cfg, model, tokenizer, module)
-        run = _wandb_run(cfg, tmp)
-        try:
-            sae = train(cfg.sae, cfg.train, batches, log=lambda m, s: run.log(m, step=s),
-                        checkpoint_dir=tmp / "checkpoint", device=device)  # fmt: skip
-            sae.eval()
-            stats = an.FeatureStats(sae.d_sae, cfg.analyze) if cfg.do_analyze else None
-            tokens = max(cfg.eval.tokens, cfg.analyze.tokens if cfg.do_analyze else 0)
-            metrics = held_out_pass(sae, model, tokenizer, module, cfg.model, cfg.data, tokens, stats)
-            if cfg.eval.loss_contexts:
-                metrics |= loss_recovered(
-                    sae, model, tokenizer, module, cfg.model, cfg.data, cfg.eval.loss_contexts
-                )
-            metrics["wall_seconds"] = round(time.time() - start, 1)
-            run.summary.update({f"eval/{k}": v for k, v in metrics.items()})
-            meta = {"model": cfg.model.name, "hook": module, "d_in": d_in}
-            sae.save(tmp, extra=meta | {"data": cfg.data.path, "context_size": cfg.data.context_size})
-            write_json(tmp / "run.json", dataclasses.asdict(cfg))
-            write_json(tmp / "metrics.json", metrics)
-            if stats is not None:
-                lens = an.logit_lens(sae, model, cfg.analyze.logit_k)
-                an.save_analysis(stats, tmp, tokenizer, meta | {"d_sae": sae.d_sae, "k": sae.k}, lens)
-                dashboard.render_dashboard(dashboard.load_analysis(tmp), tmp / "dashboard.html")
-        finally:
-            run.finish()
+            xs = harvest_modules(model, sorted(set(modules)), contexts, cfg.train.harvest_tokens,
+                                 cfg.model.max_norm_ratio)  # fmt: skip
+        results = {}
+        for v, m in zip(variants, modules):
+            out_dir, final_dir = (tmp, final) if len(variants) == 1 else (tmp / v.name, final / v.name)
+            g = torch.Generator().manual_seed(cfg.train.seed)
+            if cfg.train.in_memory:
+                batches = harvest.epochs(xs[m], cfg.train.batch_size, cfg.train.tokens, g)
+            else:
+                batches = _streamed(cfg, model, tokenizer, m)
+            results[v.name] = _train_one(
+                cfg, v, model, tokenizer, m, widths[m], batches, out_dir, final_dir, start
+            )
+        if len(variants) > 1:
+            write_json(tmp / "metrics.json", results)
         _replace_dir(tmp, final)
-        for offline in sorted((final / "wandb").glob("offline-run-*")):
+        for offline in sorted(final.glob("**/wandb/offline-run-*")):
             print(f"W&B offline run: upload it with `wandb sync {offline}`")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return metrics
+    return results[variants[0].name] if len(variants) == 1 else results
 
 
 def run_analysis(job: AnalyzeJob) -> Path:

@@ -1,13 +1,21 @@
-"""`train(cfg, activations) -> SAE`: the training loop.
+"""`train(cfg, activations) -> SAE`: the training loop, one recipe for every architecture.
 
-The recipe follows Gao et al. 2024 ("Scaling and evaluating sparse autoencoders"): loss is the normalized
-MSE (FVU of the batch) plus AuxK; Adam with eps 6.25e-10; learning rate scaled as 1/sqrt(d_sae); decoder rows
-kept at unit norm with the parallel gradient component removed; b_dec initialised at the geometric median of
-the first batch. The learning rate (see `default_lr`) warms up linearly and decays linearly to zero over the last
-`decay_fraction` of steps (Conerly et al. 2024, "April update").
+- Inputs are scaled so their mean norm is sqrt(D) (Anthropic's April 2024 update; it makes coefficients
+  and the JumpReLU bandwidth transferable across models and layers); the scale is folded into the returned
+  SAE, which takes raw activations.
+- Loss: the batch FVU plus each architecture's terms (`SAE.step`): AuxK for the TopK family (Gao et al. 2024,
+  appendix A.2), an L0 penalty for JumpReLU, a decoder-norm-weighted L1 for ReLU, whose coefficients warm up
+  linearly over `sparsity_warmup` of the steps.
+- Adam with eps 6.25e-10 (Gao et al.); learning rate from the width (`default_lr`), linear warm-up, linear
+  decay to zero over the last `decay_fraction` of steps (Conerly et al. 2024); gradient norm clipped.
+- Decoder rows at unit norm with the parallel gradient removed (all but `relu`); b_dec starts at the
+  geometric median of the first batch.
+- A latent is dead after `dead_tokens` tokens without firing (counted in tokens, not steps).
 """
 
+import contextlib
 import math
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -16,10 +24,14 @@ from tqdm.auto import tqdm
 
 from sae.config import SAEConfig, TrainConfig
 from sae.files import save_tensors, write_json
-from sae.metrics import fvu, l0
 from sae.model import SAE
 
+# Sparsity coefficients in FVU units, chosen on SmolLM2-135M block 15 for an L0 near 32 (see README).
+DEFAULT_SPARSITY = {"jumprelu": 1.5e-3, "relu": 6e-4}
+DENSE = 0.1  # a latent firing on more than this fraction of tokens counts as dense
+
 Logger = Callable[[dict, int], None]
+Evaluate = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict]
 
 
 def default_lr(d_sae: int) -> float:
@@ -54,20 +66,8 @@ def lr_factor(step: int, steps: int, warmup: int, decay_fraction: float) -> floa
     return 1.0
 
 
-def auxk_loss(sae: SAE, x: torch.Tensor, x_hat: torch.Tensor, pre_acts: torch.Tensor, dead: torch.Tensor):
-    """AuxK (Gao et al. 2024, appendix A.2): the top-k_aux dead latents, k_aux = D/2, reconstruct the main
-    residual; normalized by the residual's variance so it is scale-free like the main loss."""
-    k_aux = min(sae.d_in // 2, int(dead.sum()))
-    residual = (x - x_hat).detach()  # [B, D]
-    dead_pre = pre_acts.masked_fill(~dead, float("-inf"))  # [B, F]
-    acts, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)  # [B, k_aux]
-    acts = acts.clamp_min(0)
-    e_hat = torch.nn.functional.embedding_bag(idx, sae.W_dec, per_sample_weights=acts, mode="sum")  # [B, D]
-    return fvu(residual, e_hat)
-
-
 def save_checkpoint(sae: SAE, opt: torch.optim.Optimizer, state: dict, path: Path) -> None:
-    """SAE weights, Adam moments and loop counters in `path`, each file written atomically."""
+    """SAE weights (in the scaled input space), Adam moments and loop counters in `path`, each file atomic."""
     sae.save(path)
     moments = {}
     for name, p in sae.named_parameters():
@@ -78,6 +78,14 @@ def save_checkpoint(sae: SAE, opt: torch.optim.Optimizer, state: dict, path: Pat
     write_json(path / "state.json", state)
 
 
+def build(sae_cfg: SAEConfig, d_in: int, seed: int = 0) -> SAE:
+    """The untrained SAE a config describes, for activations of width d_in."""
+    d_sae = sae_cfg.expansion_factor * d_in
+    prefixes = tuple(sorted({max(1, round(f * d_sae)) for f in sae_cfg.prefixes}))
+    return SAE(d_in, d_sae, sae_cfg.k, arch=sae_cfg.arch, prefixes=prefixes, bandwidth=sae_cfg.bandwidth,
+               threshold_init=sae_cfg.threshold_init, seed=seed)  # fmt: skip
+
+
 def train(
     sae_cfg: SAEConfig,
     cfg: TrainConfig,
@@ -85,19 +93,25 @@ def train(
     log: Logger = lambda metrics, step: None,
     checkpoint_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
+    evaluate: Evaluate | None = None,
 ) -> SAE:
-    """Trains an SAE on any iterable of float activation batches [B, D] and returns it.
+    """Trains an SAE on any iterable of float activation batches [B, D] and returns it (taking raw inputs).
 
     d_in comes from the first batch, d_sae = expansion_factor * d_in, the learning rate from d_sae unless
-    set. Training stops after `cfg.tokens` tokens or when `activations` ends, whichever is first.
+    set. Training stops after `cfg.tokens` tokens or when `activations` ends, whichever is first. Every
+    `cfg.eval_every` steps, `evaluate(reconstruct)` receives a function mapping raw activations [B, D] to
+    reconstructions and returns metrics to log (e.g. the spliced-in loss on held-out tokens).
     """
+    device = torch.device(device)
     batches = iter(activations)
     first = next(batches, None)
     if first is None:
         raise ValueError("train() received no activation batches")
     d_in = first.shape[1]
-    sae = SAE(d_in, sae_cfg.expansion_factor * d_in, sae_cfg.k, seed=cfg.seed).to(device)
+    sae = build(sae_cfg, d_in, cfg.seed).to(device)
     first = first.to(device).float()
+    scale = math.sqrt(d_in) / first.norm(dim=1).mean().item() if cfg.normalize_inputs else 1.0
+    first = first * scale
     if sae_cfg.b_dec_init != "zeros":
         init = geometric_median(first) if sae_cfg.b_dec_init == "geometric_median" else first.mean(dim=0)
         sae.b_dec.data.copy_(init)
@@ -108,44 +122,91 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, steps, cfg.warmup_steps, cfg.decay_fraction)
     )
+    coef = sae_cfg.sparsity_coef if sae_cfg.sparsity_coef is not None else DEFAULT_SPARSITY.get(sae.arch, 0.0)
+    warm = max(1, round(cfg.sparsity_warmup * steps))
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)  # tokens since each latent fired
+    window = torch.zeros(sae.d_sae, device=device)  # firings since the last log
+    eval_window = torch.zeros(sae.d_sae, device=device)  # firings since the last evaluation
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    step_fn = torch.compile(sae.step) if cfg.compile else sae.step
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16)
+        if cfg.autocast and device.type == "cuda"
+        else contextlib.nullcontext()
+    )
 
     def stream():
         yield first
         for x in batches:
-            yield x.to(device).float()
+            yield x.to(device).float() * scale
 
-    bar = tqdm(zip(range(steps), stream()), total=steps, desc="train", unit="step")
-    tokens = done = 0
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
+        return sae(x.to(device) * scale).x_hat / scale
+
+    bar = tqdm(zip(range(steps), stream()), total=steps, desc=f"train {sae.arch}", unit="step")
+    tokens = done = since_log = since_eval = 0
+    clock = time.perf_counter()
+    sae.train()
     for step, x in bar:
-        out = sae(x)
-        loss_main = fvu(x, out.x_hat)
         dead = since_fired >= cfg.dead_tokens
-        loss_aux = auxk_loss(sae, x, out.x_hat, out.pre_acts, dead) if dead.any() else x.new_zeros(())
-        loss = loss_main + cfg.auxk_coef * loss_aux
+        with autocast:
+            out = step_fn(x, dead, coef * min(1.0, (step + 1) / warm), cfg.auxk_coef, sae_cfg.multi_topk)
+        loss = sum(out.losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        sae.remove_parallel_grad()
+        if sae.unit_decoder:
+            sae.remove_parallel_grad()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
         opt.step()
         sched.step()
-        sae.normalize_decoder()
+        if sae.unit_decoder:
+            sae.normalize_decoder()
 
-        fired = torch.zeros_like(since_fired).index_fill_(0, out.idx[out.acts > 0], 1).bool()
-        since_fired = torch.where(fired, 0, since_fired + x.shape[0])
+        fired = (out.z > 0).sum(dim=0).float()  # [F]
+        window += fired
+        eval_window += fired
+        since_fired = torch.where(fired > 0, 0, since_fired + x.shape[0])
         tokens += x.shape[0]
+        since_log += x.shape[0]
+        since_eval += x.shape[0]
         done = step + 1
         if step % cfg.log_every == 0 or step == steps - 1:
-            metrics = {
-                "train/loss": loss.item(), "train/fvu": loss_main.item(), "train/auxk": loss_aux.item(),
-                "train/l0": l0(out.acts).item(), "train/dead_fraction": dead.float().mean().item(),
-                "train/lr": sched.get_last_lr()[0], "train/tokens": tokens,
-            }  # fmt: skip
+            now = time.perf_counter()
+            metrics = {f"train/{k}": v.item() for k, v in out.losses.items()}
+            metrics |= {
+                "train/loss": loss.item(),
+                "train/l0": (out.z > 0).sum(dim=1).float().mean().item(),
+                "train/mse": (x - out.x_hat).pow(2).mean().item() / scale**2,
+                "train/dead_fraction": dead.float().mean().item(),
+                "train/dense_fraction": (window > DENSE * since_log).float().mean().item(),
+                "train/lr": sched.get_last_lr()[0],
+                "train/tokens": tokens,
+                "train/tokens_per_second": since_log / (now - clock),
+            }
             log(metrics, step)
-            bar.set_postfix(fvu=f"{metrics['train/fvu']:.3f}", dead=f"{metrics['train/dead_fraction']:.3f}")
+            bar.set_postfix(fvu=f"{metrics['train/fvu']:.3f}", l0=f"{metrics['train/l0']:.1f}",
+                            dead=f"{metrics['train/dead_fraction']:.3f}")  # fmt: skip
+            window.zero_()
+            since_log, clock = 0, now
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+            density = eval_window / since_eval
+            metrics = {"train/log10_density": density.clamp_min(1e-10).log10().cpu()}
+            if evaluate is not None:
+                sae.eval()
+                with torch.no_grad():
+                    metrics |= {f"eval/{k}": v for k, v in evaluate(reconstruct).items()}
+                sae.train()
+            log(metrics, step)
+            eval_window.zero_()
+            since_eval = 0
         if checkpoint_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            save_checkpoint(sae, opt, {"step": step + 1, "tokens": tokens}, checkpoint_dir)
+            save_checkpoint(
+                sae, opt, {"step": step + 1, "tokens": tokens, "input_scale": scale}, checkpoint_dir
+            )
     bar.close()
     if checkpoint_dir is not None:
-        save_checkpoint(sae, opt, {"step": done, "tokens": tokens}, checkpoint_dir)
+        save_checkpoint(sae, opt, {"step": done, "tokens": tokens, "input_scale": scale}, checkpoint_dir)
+    sae.eval()
+    sae.fold_input_scale(scale)
     return sae
