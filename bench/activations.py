@@ -43,7 +43,9 @@ def load(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layer", type=int, default=ModelConfig().layer)
     parser.add_argument("--train-tokens", type=int, default=600_000)
     parser.add_argument("--test-tokens", type=int, default=65_536)

@@ -17,6 +17,7 @@ in the same order as `sae.harvest.epochs` for the same seed (one permutation of 
 import math
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from typing import NamedTuple
 
@@ -72,7 +73,9 @@ def _batches(x: torch.Tensor, batch_size: int, steps: int, seed: int) -> Iterato
                 return
 
 
-def train_saelens(x: torch.Tensor, d_sae: int, k: int, tokens: int, batch_size: int, seed: int = 0) -> Trained:
+def train_saelens(
+    x: torch.Tensor, d_sae: int, k: int, tokens: int, batch_size: int, seed: int = 0
+) -> Trained:
     """Trains SAELens' `TopKTrainingSAE` with its `SAETrainer` on x [N, D], SAELens defaults throughout.
 
     The trainer config comes from `LanguageModelSAERunnerConfig.to_sae_trainer_config()`, the path SAELens'
@@ -86,7 +89,13 @@ def train_saelens(x: torch.Tensor, d_sae: int, k: int, tokens: int, batch_size: 
     constrained but divided out of the activations (`rescale_acts_by_decoder_norm=True`), no input
     normalisation (`normalize_activations="none"`). Only the caller's width, k, batch and budget are set.
     """
-    from sae_lens import LanguageModelSAERunnerConfig, LoggingConfig, SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens import (
+        LanguageModelSAERunnerConfig,
+        LoggingConfig,
+        SAETrainer,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
 
     steps = _steps(x, tokens, batch_size)
     torch.manual_seed(seed)
@@ -237,17 +246,18 @@ def train_sparsify(
     return Trained("sparsify", reconstruct, seconds, info)
 
 
-def sparse_synthetic(n: int, d: int, n_dirs: int, active: int, seed: int) -> torch.Tensor:
-    """x [n, d]: an offset plus `active` of `n_dirs` fixed random unit directions per row with exponential
-    magnitudes, plus a little noise; a TopK SAE with F >= n_dirs and k >= active can explain most of it."""
-    g = torch.Generator().manual_seed(1234)  # the dictionary is shared by every draw
+def sparse_synthetic(n: int, d: int, n_dirs: int, active: int, offset: float, seed: int) -> torch.Tensor:
+    """x [n, d]: `active` of `n_dirs` fixed random unit directions per row with exponential magnitudes, a
+    little noise, and a fixed random offset of norm `offset` (as residual streams have a large mean).
+    A TopK SAE with F >= n_dirs and k >= active can explain most of its variance."""
+    g = torch.Generator().manual_seed(1234)  # the dictionary and offset are shared by every draw
     dirs = torch.nn.functional.normalize(torch.randn(n_dirs, d, generator=g), dim=1)  # [F, D]
-    offset = torch.randn(d, generator=g)  # [D]
+    shift = offset * torch.nn.functional.normalize(torch.randn(d, generator=g), dim=0)  # [D]
     g.manual_seed(seed)
     idx = torch.rand(n, n_dirs, generator=g).topk(active, dim=1).indices  # [n, K]
     mags = torch.empty(n, active).exponential_(generator=g)  # [n, K]
     codes = torch.zeros(n, n_dirs).scatter_(1, idx, mags)  # [n, F]
-    return codes @ dirs + offset + 0.01 * torch.randn(n, d, generator=g)
+    return codes @ dirs + shift + 0.01 * torch.randn(n, d, generator=g)
 
 
 def _evaluate(trained: Trained, x: torch.Tensor) -> dict[str, float]:
@@ -258,20 +268,31 @@ def _evaluate(trained: Trained, x: torch.Tensor) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    peers = {"sae-lens": train_saelens, "sparsify": train_sparsify}
     print("installed:", available())
-    datasets = {
+    torch.manual_seed(0)
+
+    def sparse(n: int, offset: float, seed: int) -> torch.Tensor:
+        return sparse_synthetic(n, d=64, n_dirs=256, active=4, offset=offset, seed=seed)
+
+    datasets = {  # name: (train [N, D], held-out [B, D], training tokens)
         "gaussian": (torch.randn(20_000, 64), torch.randn(4_096, 64), 50_000),
-        "sparse": (sparse_synthetic(20_000, 64, 256, 4, seed=0), sparse_synthetic(4_096, 64, 256, 4, seed=1), 1_000_000),
-    }  # fmt: skip
+        "sparse": (sparse(20_000, 0.0, 0), sparse(4_096, 0.0, 1), 1_000_000),
+        "sparse+offset": (sparse(20_000, 8.0, 0), sparse(4_096, 8.0, 1), 1_000_000),
+    }
+    runs: list[tuple[str, str, Callable[..., Trained]]] = [  # (peer, label, trainer)
+        ("sae-lens", "sae-lens", train_saelens),
+        ("sparsify", "sparsify", train_sparsify),
+        ("sparsify", "sparsify/adam", partial(train_sparsify, optimizer="adam")),
+    ]
     for data, (train_x, test_x, tokens) in datasets.items():
-        for name, train in peers.items():
-            if available()[name] is None:
-                print(f"{name}: not installed, skipped")
+        for peer, label, train in runs:
+            if available()[peer] is None:
+                print(f"{label}: not installed, skipped")
                 continue
             trained = train(train_x, d_sae=256, k=8, tokens=tokens, batch_size=1024, seed=0)
             m = _evaluate(trained, test_x)
             print(
-                f"{data:8s} {name:9s} fvu {m['fvu']:.3f}  l0 {m['l0']:.1f}  train {trained.train_seconds:.1f} s  "
-                f"steps {trained.info['steps']}  lr {trained.info['lr']:.2e}  dead {trained.info['dead_fraction']:.3f}"
+                f"{data:13s} {label:13s} fvu {m['fvu']:.3f}  l0 {m['l0']:.1f}  train {trained.train_seconds:5.1f} s  "
+                f"steps {trained.info['steps']}  lr {trained.info['lr']:.2e}  dead {trained.info['dead_fraction']:.3f}",
+                flush=True,
             )

@@ -82,8 +82,22 @@ def build(sae_cfg: SAEConfig, d_in: int, seed: int = 0) -> SAE:
     """The untrained SAE a config describes, for activations of width d_in."""
     d_sae = sae_cfg.expansion_factor * d_in
     prefixes = tuple(sorted({max(1, round(f * d_sae)) for f in sae_cfg.prefixes}))
+    init = sae_cfg.threshold_init if sae_cfg.threshold_init is not None else 0.001
     return SAE(d_in, d_sae, sae_cfg.k, arch=sae_cfg.arch, prefixes=prefixes, bandwidth=sae_cfg.bandwidth,
-               threshold_init=sae_cfg.threshold_init, seed=seed)  # fmt: skip
+               threshold_init=init, seed=seed)  # fmt: skip
+
+
+@torch.no_grad()
+def threshold_from_data(sae: SAE, x: torch.Tensor) -> torch.Tensor:
+    """Per-latent thresholds [F] at which each latent fires on k/d_sae of the tokens x [B, D].
+
+    The JumpReLU paper starts every threshold at 0.001, where about half of all latents fire, and lets the
+    L0 penalty raise them over 100k+ steps. The penalty reaches a threshold only through the few tokens
+    within the kernel's width of it, so Adam moves it by at most about one learning rate per step: a run of
+    a few thousand steps ends long before L0 comes down. Starting at the target density removes that wait.
+    """
+    pre = sae.pre_acts(x)  # [B, F]
+    return pre.quantile(1 - sae.k / sae.d_sae, dim=0).clamp_min(1e-3)
 
 
 def train(
@@ -115,6 +129,8 @@ def train(
     if sae_cfg.b_dec_init != "zeros":
         init = geometric_median(first) if sae_cfg.b_dec_init == "geometric_median" else first.mean(dim=0)
         sae.b_dec.data.copy_(init)
+    if sae.arch == "jumprelu" and sae_cfg.threshold_init is None:
+        sae.threshold.data.copy_(threshold_from_data(sae, first))
 
     lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
     opt = torch.optim.Adam(sae.parameters(), lr=lr, eps=6.25e-10)

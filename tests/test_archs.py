@@ -8,7 +8,7 @@ import torch
 from sae.config import ARCHS, SAEConfig, TrainConfig
 from sae.metrics import fvu
 from sae.model import SAE, batch_topk, sparse
-from sae.train import train
+from sae.train import threshold_from_data, train
 
 D, F, K, B = 16, 64, 4, 256
 
@@ -109,8 +109,16 @@ def test_jumprelu_thresholds_receive_gradient_and_move():
     theta = sae.threshold.detach()
     torch.testing.assert_close(step.z.detach(), pre.detach() * (pre.detach() > theta))
 
-    trained_sae, _ = trained("jumprelu")
+    trained_sae, _ = trained("jumprelu", threshold_init=0.001)  # the paper's start
     assert (trained_sae.threshold - 0.001).abs().max() > 0.01  # thresholds left their start
+
+
+def test_jumprelu_thresholds_from_data_start_near_l0_k():
+    sae = SAE(D, F, K, arch="jumprelu")
+    x = torch.cat([x_batch(seed=s) for s in range(4)])
+    sae.threshold.data.copy_(threshold_from_data(sae, x))
+    z = sae.step(x, torch.zeros(F, dtype=torch.bool)).z
+    assert (z > 0).sum(dim=1).float().mean().item() == pytest.approx(K, rel=0.1)
 
 
 def test_jumprelu_heaviside_has_the_rectangle_kernel_gradient():
@@ -153,7 +161,9 @@ def test_relu_l1_is_weighted_by_decoder_norms():
     x = x_batch()
     step = sae.step(x, torch.zeros(F, dtype=torch.bool), sparsity_coef=0.01)
     z = sae.pre_acts(x)
-    torch.testing.assert_close(step.losses["l1_penalty"], 0.01 * (z * sae.W_dec.norm(dim=1)).sum(dim=1).mean())
+    torch.testing.assert_close(
+        step.losses["l1_penalty"], 0.01 * (z * sae.W_dec.norm(dim=1)).sum(dim=1).mean()
+    )
     # Doubling one row doubles its latent's share of the penalty: shrinking the decoder cannot hide activity.
     share = 0.01 * (z[:, 7] * sae.W_dec[7].norm()).mean()
     with torch.no_grad():

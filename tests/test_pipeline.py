@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from sae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
+from sae.config import ARCHS, DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
 from sae.data import wikipedia_sample
+from sae.model import SAE
 from sae.pipeline import run_training
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +103,53 @@ def test_multirun_sweep_trains_one_run_per_value(corpus, tmp_path):
          "wandb.mode=disabled", "do_analyze=false", "eval.loss_contexts=0", cwd=tmp_path)  # fmt: skip
     for k in (4, 8):
         assert json.loads((tmp_path / f"k{k}" / "cfg.json").read_text())["k"] == k
+
+
+@pytest.fixture(scope="module")
+def every_arch_run(corpus, tmp_path_factory) -> tuple[Path, str]:
+    """One harvest of two hooks, six SAEs: every architecture on block 2 and a TopK on block 1."""
+    run_dir = tmp_path_factory.mktemp("runs") / "archs"
+    saes = "[" + ",".join(f"{{arch:{a}}}" for a in ARCHS) + ",{hook:resid.1}]"
+    proc = _run("train.py", *TINY, f"data.path={corpus}", f"run_dir={run_dir}", "wandb.mode=offline", f"saes={saes}",
+         "train.eval_every=10", "train.log_every=5", "eval.train_loss_contexts=2")  # fmt: skip
+    return run_dir, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_architecture_trains_saves_reloads_and_analyses_from_the_cli(every_arch_run, arch):
+    run = every_arch_run[0] / f"{arch}-k8-x2"
+    cfg = json.loads((run / "cfg.json").read_text())
+    assert cfg["arch"] == arch and cfg["hook"] == "model.layers.2"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 < metrics["fvu"] < 1 and metrics["l0"] > 0
+    assert metrics["explained_variance"] > 1 - metrics["fvu"] - 1e-9  # uncentered >= centered
+    assert metrics["kl_spliced"] >= 0 and metrics["delta_ce"] == pytest.approx(
+        metrics["ce_spliced"] - metrics["ce_clean"]
+    )
+    sae = SAE.load(run)
+    assert sae.arch == arch
+    # Each run directory is a complete run: analysable alone, with its own config and W&B run.
+    assert json.loads((run / "run.json").read_text())["sae"]["arch"] == arch
+    assert (run / "dashboard.html").exists() and list((run / "wandb").glob("offline-run-*"))
+    (run / "dashboard.html").unlink()
+    _run("analyze.py", f"run_dir={run}")
+    assert (run / "dashboard.html").exists()
+
+
+def test_several_saes_share_one_harvest_across_two_hooks(every_arch_run):
+    every_arch_run, output = every_arch_run
+    assert output.count("harvest") and output.count("harvest:   0%") == 1
+    dirs = sorted(p.name for p in every_arch_run.iterdir() if p.is_dir())
+    assert dirs == sorted([f"{a}-k8-x2" for a in ARCHS] + ["topk-k8-x2-resid.1"])
+    assert (
+        json.loads((every_arch_run / "topk-k8-x2-resid.1" / "cfg.json").read_text())["hook"]
+        == "model.layers.1"
+    )
+    summary = json.loads((every_arch_run / "metrics.json").read_text())
+    assert set(summary) == set(dirs)
+    # Console lines every log_every steps, and the in-training evaluation every eval_every steps.
+    assert "step 5: " in output and "step 9: log10_density" not in output
+    assert sum("loss_recovered=" in line and line.startswith("step 9:") for line in output.splitlines()) == 6
 
 
 def _job(tmp_path: Path, corpus: Path, **changes) -> TrainJob:

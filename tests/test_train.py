@@ -9,7 +9,15 @@ from safetensors.torch import load_file
 from sae import harvest
 from sae.config import DataConfig, SAEConfig, TrainConfig
 from sae.data import packed_contexts
-from sae.metrics import dead_fraction, firing_counts, fvu, l0, next_token_loss
+from sae.metrics import (
+    dead_fraction,
+    explained_variance,
+    firing_counts,
+    fvu,
+    l0,
+    next_token_loss,
+    spliced_losses,
+)
 from sae.model import SAE
 from sae.train import default_lr, geometric_median, lr_factor, train
 
@@ -203,14 +211,20 @@ def test_checkpoint_dir_holds_weights_optimizer_and_state(tmp_path):
 
     cfg = TrainConfig(tokens=30 * B, batch_size=B, log_every=10, checkpoint_every=20, warmup_steps=2)
     sae = train(SAEConfig(expansion_factor=4, k=4), cfg, sparse_data(), log=log, checkpoint_dir=ckpt)
-    assert seen[20] == {"step": 20, "tokens": 20 * B}
+    scale = D**0.5 / next(sparse_data()).norm(dim=1).mean().item()
+    assert seen[20] == {"step": 20, "tokens": 20 * B, "input_scale": pytest.approx(scale)}
     assert {p.name for p in ckpt.iterdir()} == {
         "sae.safetensors", "cfg.json", "optimizer.safetensors", "state.json"
     }  # fmt: skip
-    assert json.loads((ckpt / "state.json").read_text()) == {"step": 30, "tokens": 30 * B}
+    assert json.loads((ckpt / "state.json").read_text()) == {
+        "step": 30,
+        "tokens": 30 * B,
+        "input_scale": pytest.approx(scale),
+    }
+    # The checkpoint holds the SAE of the scaled inputs; the returned one takes raw activations.
     loaded = SAE.load(ckpt)
     x = next(sparse_data(seed=5))
-    assert torch.equal(loaded(x).x_hat, sae(x).x_hat)
+    torch.testing.assert_close(loaded(x * scale).x_hat / scale, sae(x).x_hat, rtol=1e-4, atol=1e-4)
     moments = load_file(str(ckpt / "optimizer.safetensors"))
     for name, p in sae.named_parameters():
         for key in ("exp_avg", "exp_avg_sq"):
@@ -222,7 +236,8 @@ def test_checkpoint_state_counts_the_steps_taken_when_data_ends_early(tmp_path):
     data = iter([torch.randn(B, D) for _ in range(5)])
     train(SAEConfig(expansion_factor=4, k=4), TrainConfig(tokens=50 * B, batch_size=B), data,
           checkpoint_dir=tmp_path)  # fmt: skip
-    assert json.loads((tmp_path / "state.json").read_text()) == {"step": 5, "tokens": 5 * B}
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert (state["step"], state["tokens"]) == (5, 5 * B)
 
 
 # --- metrics --------------------------------------------------------------------------------------------
@@ -254,3 +269,63 @@ def test_next_token_loss_with_identity_splice_equals_clean(tiny, sentences):
     assert same == pytest.approx(clean, rel=1e-5)
     assert zero != pytest.approx(clean, rel=1e-3)
     assert len(model.model.layers[1]._forward_hooks) == hooks
+
+
+def test_explained_variance_is_uncentered():
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(1)) + 3.0  # non-zero mean
+    mean = x.mean(dim=0).expand_as(x)
+    assert explained_variance(x, x).item() == pytest.approx(1.0)
+    # Predicting the mean explains nothing of the centered variance but most of E||x||^2.
+    assert fvu(x, mean).item() == pytest.approx(1.0)
+    expected = 1 - (x - mean).pow(2).sum() / x.pow(2).sum()
+    assert explained_variance(x, mean).item() == pytest.approx(expected.item()) and expected > 0.8
+
+
+def test_spliced_losses_kl_is_zero_for_identity_and_positive_for_zero_ablation(tiny, sentences):
+    model, tokenizer = tiny
+    rows = [{"text": s} for s in sentences]
+    batch = next(packed_contexts(DataConfig(context_size=32), tokenizer, "train", 2, rows=rows))
+    out = spliced_losses(
+        model, batch.ids, batch.mask, "model.layers.1", {"same": lambda h: h, "zero": torch.zeros_like}
+    )
+    clean, n = next_token_loss(model, batch.ids, batch.mask)
+    assert out["targets"] == n and out["ce_clean"] == pytest.approx(clean, rel=1e-5)
+    assert out["ce_same"] == pytest.approx(clean, rel=1e-5) and abs(out["kl_same"]) < 1e-3 * n
+    assert out["kl_zero"] > 0.01 * n
+
+
+def test_in_training_evaluation_logs_density_histograms_and_receives_raw_units():
+    seen, logged = [], {}
+
+    def evaluate(reconstruct):
+        x = next(sparse_data(seed=5))
+        seen.append(fvu(x, reconstruct(x)).item())  # raw activations in, raw reconstructions out
+        return {"probe": 1.0}
+
+    cfg = TrainConfig(
+        tokens=30 * B, batch_size=B, warmup_steps=2, log_every=10, eval_every=10, dead_tokens=10**9
+    )
+    train(SAEConfig(expansion_factor=4, k=4), cfg, sparse_data(), log=lambda m, s: logged.setdefault(s, {}).update(m),
+          evaluate=evaluate)  # fmt: skip
+    assert len(seen) == 2 and seen[-1] < 0.5  # at steps 9 and 19; not after the last step
+    for step in (9, 19):
+        density = logged[step]["train/log10_density"]
+        assert density.shape == (4 * D,) and (density <= 0).all()
+        assert logged[step]["eval/probe"] == 1.0
+    for key in ("train/mse", "train/dense_fraction", "train/tokens_per_second", "train/fvu", "train/l0"):
+        assert key in logged[10]
+    assert 0 <= logged[10]["train/dense_fraction"] <= 1 and logged[10]["train/tokens_per_second"] > 0
+
+
+def test_gradient_clipping_bounds_the_step(monkeypatch):
+    norms = []
+    original = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm):
+        params = list(params)
+        original(params, max_norm)
+        norms.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm().item())
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    run(5, grad_clip=1e-3)
+    assert len(norms) == 5 and max(norms) <= 1e-3 * 1.001
