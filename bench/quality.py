@@ -135,7 +135,7 @@ def main() -> None:
         reconstruct, seconds = fit()
         row = held_out(reconstruct, x_test, d_sae)
         if args.loss_contexts:
-            spliced = loss_recovered(lambda x: reconstruct(x.float())[0], model, tokenizer, module, model_cfg,
+            spliced = loss_recovered(lambda x, r=reconstruct: r(x.float())[0], model, tokenizer, module, model_cfg,
                                      data, args.loss_contexts, progress=False)  # fmt: skip
             row |= {k: spliced[k] for k in ("delta_ce", "kl_spliced", "loss_recovered")}
         row["train_seconds"] = seconds
