@@ -155,7 +155,7 @@ def _logger(run):
     import wandb
 
     def log(metrics: dict, step: int) -> None:
-        run.log({k: wandb.Histogram(v.numpy()) if torch.is_tensor(v) else v for k, v in metrics.items()},
+        run.log({k: wandb.Histogram(v.tolist()) if torch.is_tensor(v) else v for k, v in metrics.items()},
                 step=step)  # fmt: skip
         shown = {k.split("/")[-1]: v for k, v in metrics.items() if not torch.is_tensor(v)}
         tqdm.write(f"step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()))

@@ -167,7 +167,7 @@ def train(
         dead = since_fired >= cfg.dead_tokens
         with autocast:
             out = step_fn(x, dead, coef * min(1.0, (step + 1) / warm), cfg.auxk_coef, sae_cfg.multi_topk)
-        loss = sum(out.losses.values())
+        loss = torch.stack(list(out.losses.values())).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if sae.unit_decoder:
@@ -193,10 +193,10 @@ def train(
             metrics |= {
                 "train/loss": loss.item(),
                 "train/l0": (out.z > 0).sum(dim=1).float().mean().item(),
-                "train/mse": (x - out.x_hat).pow(2).mean().item() / scale**2,
+                "train/mse": float((x - out.x_hat).pow(2).mean().item() / scale**2),
                 "train/dead_fraction": dead.float().mean().item(),
                 "train/dense_fraction": (window > DENSE * since_log).float().mean().item(),
-                "train/lr": sched.get_last_lr()[0],
+                "train/lr": float(sched.get_last_lr()[0]),
                 "train/tokens": tokens,
                 "train/tokens_per_second": since_log / (now - clock),
             }

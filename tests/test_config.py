@@ -1,6 +1,7 @@
 """The real YAML configs compose with Hydra and convert to the typed dataclasses; bad values are named."""
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from sae.config import (
     TrainJob,
     from_dict,
     register_configs,
+    sae_variants,
     to_dataclass,
 )
 
@@ -111,11 +113,34 @@ def test_analyze_config_composes():
         ("train.lr=-1", "train.lr=-1"),
         ("eval.tokens=0", "eval.tokens=0"),
         ("analyze.top_k=0", "analyze.top_k=0"),
+        ("sae.arch=gated", "'gated'"),
+        ("sae.prefixes=[0.5,0.25,1.0]", "sae.prefixes=[0.5, 0.25, 1.0]"),
+        ("sae.prefixes=[0.25,0.5]", "ending at 1"),
+        ("sae.sparsity_coef=-1", "sae.sparsity_coef=-1"),
+        ("sae.bandwidth=0", "sae.bandwidth=0"),
+        ("train.grad_clip=-1", "train.grad_clip=-1"),
+        ("train.sparsity_warmup=2", "train.sparsity_warmup=2"),
+        ("train.eval_every=-1", "train.eval_every=-1"),
+        ("saes=[{kk:3}]", "unknown keys ['kk']"),
+        ("saes=[{k:16},{k:16}]", "more than once"),
+        ("saes=[{k:0}]", "sae.k=0"),
     ],
 )
 def test_bad_values_are_named(override, words):
-    with pytest.raises(ValueError, match=words.replace(".", r"\.")):
-        train_job(override)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        sae_variants(train_job(override))
+
+
+def test_saes_entries_override_the_selected_sae():
+    job = train_job(
+        "sae=batchtopk", "sae.expansion_factor=4", "saes=[{k:16},{k:64,arch:topk},{hook:resid.3}]"
+    )
+    variants = sae_variants(job)
+    assert [(v.arch, v.k, v.expansion_factor, v.hook) for v in variants] == [
+        ("batchtopk", 16, 4, None), ("topk", 64, 4, None), ("batchtopk", 32, 4, "resid.3")
+    ]  # fmt: skip
+    assert [v.name for v in variants] == ["batchtopk-k16-x4", "topk-k64-x4", "batchtopk-k32-x4-resid.3"]
+    assert sae_variants(train_job()) == [train_job().sae]
 
 
 @pytest.mark.parametrize("override", ["sae.k=abc", "sae.kk=3", "model.nme=gpt2", "data=nonexistent"])

@@ -329,3 +329,13 @@ def test_gradient_clipping_bounds_the_step(monkeypatch):
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
     run(5, grad_clip=1e-3)
     assert len(norms) == 5 and max(norms) <= 1e-3 * 1.001
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager():
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(B, D, generator=g) for _ in range(6)]
+    cfg = {"tokens": 6 * B, "batch_size": B, "warmup_steps": 2}
+    eager = train(SAEConfig(expansion_factor=4, k=4), TrainConfig(**cfg), iter(data))
+    compiled = train(SAEConfig(expansion_factor=4, k=4), TrainConfig(compile=True, **cfg), iter(data))
+    torch.testing.assert_close(compiled(data[0]).x_hat, eager(data[0]).x_hat, rtol=1e-4, atol=1e-4)
