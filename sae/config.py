@@ -87,9 +87,12 @@ class SAEConfig:
     """jumprelu: L0 coefficient; relu: L1 coefficient, both in FVU units; None: the architecture's default."""
     bandwidth: float = 0.001
     """jumprelu: width eps of the straight-through kernel (on inputs scaled to mean norm sqrt(D))."""
-    threshold_init: float | None = None
-    """jumprelu: initial threshold of every latent (the paper's 0.001); None sets each latent's threshold
-    from the first batch so that it fires on k/d_sae of the tokens, starting the run near L0 = k."""
+    threshold_init: float = 0.001
+    """jumprelu: initial threshold of every latent (Rajamanoharan et al. 2024)."""
+    threshold_lr_scale: float = 10.0
+    """jumprelu: the thresholds' learning rate as a multiple of train.lr. The L0 penalty reaches a threshold
+    only through tokens within the kernel's width of it, so Adam moves it by about one learning rate per
+    step; thresholds must travel from 0.001 to O(1), which at the base rate takes longer than a short run."""
     hook: str | None = None
     """Module this SAE reads (a path or `resid.L`); None: the model's `module` / `layer`."""
 
@@ -108,11 +111,9 @@ class SAEConfig:
             self.sparsity_coef is None or self.sparsity_coef >= 0,
             f"sae.sparsity_coef={self.sparsity_coef} must be >= 0 or null",
         )
+        _check(self.threshold_lr_scale > 0, f"sae.threshold_lr_scale={self.threshold_lr_scale} must be > 0")
         _check(self.bandwidth > 0, f"sae.bandwidth={self.bandwidth} must be > 0")
-        _check(
-            self.threshold_init is None or self.threshold_init >= 0,
-            f"sae.threshold_init={self.threshold_init} must be >= 0 or null",
-        )
+        _check(self.threshold_init >= 0, f"sae.threshold_init={self.threshold_init} must be >= 0")
 
     @property
     def name(self) -> str:
