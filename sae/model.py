@@ -245,8 +245,11 @@ class SAE(nn.Module):
             x_hat = z @ self.W_dec + self.b_dec
             losses["l1_penalty"] = sparsity_coef * (z * self.W_dec.norm(dim=1)).sum(dim=1).mean()
         losses["fvu"] = fvu(x, x_hat)
-        if auxk_coef and self.arch in ("topk", "batchtopk", "matryoshka") and bool(dead.any()):
-            losses["auxk"] = auxk_coef * self.auxk(x, x_hat, pre, dead)
+        if auxk_coef and self.arch in ("topk", "batchtopk", "matryoshka"):
+            # Always present (zero while nothing is dead), so logged curves do not start mid-run.
+            losses["auxk"] = (
+                auxk_coef * self.auxk(x, x_hat, pre, dead) if bool(dead.any()) else x.new_zeros(())
+            )
         return Step(x_hat, z, losses)
 
     def auxk(
