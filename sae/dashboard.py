@@ -102,7 +102,8 @@ def render_dashboard(analysis: dict, path: str | Path) -> Path:
     n_dead = sum(f["density"] <= 0 for f in feats)
     header = (
         f"<strong>{html.escape(str(analysis['model']))}</strong> · hook {html.escape(str(analysis['hook']))}"
-        f" · d_sae {analysis['d_sae']} (d_in {analysis['d_in']}, k {analysis['k']})"
+        f" · {html.escape(str(analysis.get('arch', 'topk')))} SAE, d_sae {analysis['d_sae']}"
+        f" (d_in {analysis['d_in']}, k {analysis['k']})"
         f" · {analysis['n_tokens']:,} tokens · {n_dead} dead ({n_dead / max(len(feats), 1):.1%})"
     )
     values = {

@@ -214,7 +214,9 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
         write_json(out_dir / "metrics.json", metrics)
         if stats is not None:
             lens = an.logit_lens(sae, model, cfg.analyze.logit_k)
-            an.save_analysis(stats, out_dir, tokenizer, meta | {"d_sae": sae.d_sae, "k": sae.k}, lens)
+            an.save_analysis(
+                stats, out_dir, tokenizer, meta | {"arch": sae.arch, "d_sae": sae.d_sae, "k": sae.k}, lens
+            )
             dashboard.render_dashboard(dashboard.load_analysis(out_dir), out_dir / "dashboard.html")
     finally:
         run.finish()
@@ -284,6 +286,7 @@ def run_analysis(job: AnalyzeJob) -> Path:
     stats = an.FeatureStats(sae.d_sae, job.analyze)
     held_out_pass(sae, model, tokenizer, module, cfg.model, data, job.analyze.tokens, stats)
     lens = an.logit_lens(sae, model, job.analyze.logit_k)
-    meta = {"model": cfg.model.name, "hook": module, "d_in": sae.d_in, "d_sae": sae.d_sae, "k": sae.k}
+    meta = {"model": cfg.model.name, "hook": module, "d_in": sae.d_in, "arch": sae.arch, "d_sae": sae.d_sae,
+            "k": sae.k}  # fmt: skip
     an.save_analysis(stats, run_dir, tokenizer, meta, lens)
     return dashboard.render_dashboard(dashboard.load_analysis(run_dir), run_dir / "dashboard.html")

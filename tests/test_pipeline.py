@@ -133,7 +133,7 @@ def test_every_architecture_trains_saves_reloads_and_analyses_from_the_cli(every
     assert (run / "dashboard.html").exists() and list((run / "wandb").glob("offline-run-*"))
     (run / "dashboard.html").unlink()
     _run("analyze.py", f"run_dir={run}")
-    assert (run / "dashboard.html").exists()
+    assert f"{arch} SAE, d_sae 128" in (run / "dashboard.html").read_text()
 
 
 def test_several_saes_share_one_harvest_across_two_hooks(every_arch_run):
