@@ -159,7 +159,9 @@ def test_auxk_kicks_in_when_latents_are_dead():
     assert max(m["train/dead_fraction"] for m in logged.values()) > 0.1
     assert sum(m["train/auxk"] > 0 for m in logged.values()) >= 3
     for m in logged.values():
-        assert m["train/loss"] == pytest.approx(m["train/fvu"] + m["train/auxk"], rel=1e-5)  # terms are weighted
+        assert m["train/loss"] == pytest.approx(
+            m["train/fvu"] + m["train/auxk"], rel=1e-5
+        )  # terms are weighted
     # The same run with a long dead window never uses AuxK.
     _, logged = run(40, data=sparse_data(n_atoms=8, active=2), log_every=5)
     assert all(m["train/auxk"] == 0 and m["train/dead_fraction"] == 0 for m in logged.values())
