@@ -223,7 +223,9 @@ class SAE(nn.Module):
             z, smallest = batch_topk(pre, self.k)
             if self.training:
                 with torch.no_grad():
-                    self.threshold.lerp_(smallest.detach(), 0.01 if self.threshold > 0 else 1.0)
+                    # The first step sets the threshold; later ones average. No host sync on the hot path.
+                    weight = torch.where(self.threshold > 0, 0.01, 1.0)
+                    self.threshold.lerp_(smallest.detach(), weight)
             x_hat = z @ self.W_dec + self.b_dec
             if self.arch == "matryoshka":
                 # Each prefix of the dictionary reconstructs x alone; the loss sums them (Bussmann 2025).

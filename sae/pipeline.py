@@ -6,6 +6,7 @@ input (model, module, data, sizes) is checked before the long work starts.
 """
 
 import dataclasses
+import functools
 import itertools
 import json
 import shutil
@@ -190,14 +191,12 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
     device = harvest.resolve_device(cfg.model.device)
     job = dataclasses.replace(cfg, sae=sae_cfg, saes=[], run_dir=str(final_dir))
     run = _wandb_run(job, out_dir)
+    evaluate = None
+    if cfg.eval.train_loss_contexts:
+        evaluate = functools.partial(loss_recovered, model=model, tokenizer=tokenizer, module=module,
+                                     model_cfg=cfg.model, data=cfg.data,
+                                     n_contexts=cfg.eval.train_loss_contexts, progress=False)  # fmt: skip
     try:
-
-        def evaluate(reconstruct) -> dict:
-            if not cfg.eval.train_loss_contexts:
-                return {}
-            return loss_recovered(reconstruct, model, tokenizer, module, cfg.model, cfg.data,
-                                  cfg.eval.train_loss_contexts, progress=False)  # fmt: skip
-
         sae = train(sae_cfg, cfg.train, batches, log=_logger(run), checkpoint_dir=out_dir / "checkpoint",
                     device=device, evaluate=evaluate)  # fmt: skip
         stats = an.FeatureStats(sae.d_sae, cfg.analyze) if cfg.do_analyze else None
