@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")
+PRECISIONS = ("auto", "float32", "bfloat16")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
@@ -151,8 +152,10 @@ class TrainConfig:
     normalize_inputs: bool = True
     """Scale inputs so their mean norm is sqrt(D) (estimated on the first batch, folded into the saved
     weights, so the saved SAE takes raw activations)."""
-    autocast: bool = True
-    """On CUDA, run the SAE's matmuls in bf16 autocast (fp32 master weights, no GradScaler needed)."""
+    precision: str = "auto"
+    """SAE matmul precision, one of PRECISIONS: `bfloat16` runs the big matmuls in bf16 with fp32 master
+    weights and fp32 reductions; `float32` runs everything in fp32; `auto` picks bfloat16 where the hardware
+    runs it natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), else float32."""
     compile: bool = False
     """torch.compile the training step."""
     eval_every: int = 500
@@ -175,6 +178,7 @@ class TrainConfig:
         _check(0 <= self.sparsity_warmup <= 1, f"train.sparsity_warmup={self.sparsity_warmup} not in [0, 1]")
         _check(self.eval_every >= 0, f"train.eval_every={self.eval_every} must be >= 0")
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every={self.checkpoint_every} must be >= 0")
+        _check(self.precision in PRECISIONS, f"train.precision={self.precision!r} is not one of {PRECISIONS}")
 
 
 @dataclass

@@ -8,10 +8,12 @@ masked positions (BOS/EOS/PAD) are dropped, the rest flattened to tokens [B, D] 
 import difflib
 import importlib.util
 import os
+import queue
 import shutil
+import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +22,7 @@ from transformers import PreTrainedModel
 from sae.config import ModelConfig
 from sae.data import Contexts, cache_dir
 
+T = TypeVar("T")
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -272,3 +275,45 @@ def epochs(
             served += batch_size
             if served >= tokens:
                 return
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """Iterates `items` in a background thread up to `depth` items ahead, so producing the next item (a model
+    forward, a shard read) overlaps consuming this one; torch releases the GIL inside its kernels. An
+    exception in the producer is raised here; closing this iterator early stops the producer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((None, item)):
+                    return
+        except BaseException as e:  # handed to the consumer
+            put((e, None))
+            return
+        put((None, done))
+
+    thread = threading.Thread(target=produce, daemon=True, name="prefetch")
+    thread.start()
+    try:
+        while True:
+            error, item = q.get()
+            if error is not None:
+                raise error
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()

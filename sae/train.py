@@ -136,7 +136,7 @@ def train(
     step_fn = torch.compile(sae.step) if cfg.compile else sae.step
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16)
-        if cfg.autocast and device.type == "cuda"
+        if cfg.precision != "float32" and device.type == "cuda"
         else contextlib.nullcontext()
     )
 
