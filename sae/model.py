@@ -21,9 +21,16 @@ Decoder rows are kept at unit norm for all but `relu`, whose penalty weights eac
 norm instead. At inference the code is sparse: `Code(acts [B, K], idx [B, K])`, K = k for TopK and, for the
 others, the largest number of active latents in the batch (rows with fewer are padded with zero
 activations). `decode` gathers K decoder rows per token (`embedding_bag`) and never forms [B, F] @ [F, D].
+
+Training TopK is sparse end to end (`_TopKEncode`, `_SparseDecode`): one [B, D] @ [D, F] matmul finds the
+pre-activations, in bf16 under autocast; every other product touches only the K selected latents per token.
+The encoder's and decoder's weight gradients are a [F, B] sparse matrix (the batch's codes, transposed into
+CSR by one sort of the B*K indices) times a dense [B, D] one, so backward costs O(B*K*D), not O(B*F*D) (the
+idea of Gao et al. 2024's sparse kernels, sec. 2.4 and appendix D, here with PyTorch's CSR products).
 """
 
 import json
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -37,6 +44,8 @@ from sae.files import save_tensors, write_json
 from sae.metrics import fvu
 
 WEIGHTS, CONFIG = "sae.safetensors", "cfg.json"
+# The CSR products used here are stable on CPU and CUDA; PyTorch still labels the layout beta.
+warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
 
 
 class Code(NamedTuple):
@@ -64,10 +73,16 @@ class Step(NamedTuple):
 
     x_hat: torch.Tensor
     """[B, D] reconstruction by the whole dictionary."""
-    z: torch.Tensor
-    """[B, F] latent activations, zero where inactive."""
     losses: dict[str, torch.Tensor]
     """Named, already weighted loss terms; the training loss is their sum."""
+    fired: torch.Tensor
+    """[F] number of tokens of the batch each latent fired on."""
+    l0: torch.Tensor
+    """() mean number of active latents per token."""
+    z: torch.Tensor | None = None
+    """[B, F] latent activations, zero where inactive (the dense architectures; None for topk)."""
+    code: Code | None = None
+    """The sparse code (topk; None for the others)."""
 
 
 # --- activations and their straight-through gradients ---------------------------------------------------
@@ -108,6 +123,60 @@ class _Heaviside(torch.autograd.Function):
         pre, theta = ctx.saved_tensors
         d_theta = -(1.0 / ctx.eps) * _rectangle((pre - theta) / ctx.eps) * grad
         return None, d_theta.sum(dim=0), None
+
+
+def _csr_t(idx: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """The [n, B] CSR matrix with values[b, j] at (idx[b, j], b): a batch's sparse code, transposed. Repeated
+    (latent, token) pairs add up."""
+    B, K = idx.shape
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)  # by latent, tokens ascending within each
+    crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
+    crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+    return torch.sparse_csr_tensor(
+        crow, order // K, values.flatten()[order], size=(n, B), check_invariants=False
+    )
+
+
+def _sparse_t_mm(idx: torch.Tensor, values: torch.Tensor, dense: torch.Tensor, n: int) -> torch.Tensor:
+    """S^T @ dense for the sparse [B, n] matrix S holding `values` [B, K] at columns `idx` [B, K]: [n, D]."""
+    return torch.sparse.mm(_csr_t(idx, values.to(dense.dtype), n), dense)
+
+
+class _TopKEncode(torch.autograd.Function):
+    """(acts [B, K'], idx [B, K']): each token's k largest pre-activations ((x - b_dec) @ W_enc + b_enc),
+    ReLU'd, then (with `aux` latents) the `k_aux` largest among those latents (AuxK's candidates).
+
+    The [B, F] matmul runs in `dtype`. Backward touches only the selected latents: dW_enc = ((x - b_dec)^T G)
+    with G the sparse [B, F] gradient, db_enc = G's column sums, db_dec = -W_enc @ db_enc.
+    """
+
+    @staticmethod
+    def forward(ctx, x, W_enc, b_enc, b_dec, k, aux, k_aux, sort, dtype):
+        xc = x - b_dec  # [B, D]
+        pre = torch.addmm(b_enc.to(dtype), xc.to(dtype), W_enc.to(dtype))  # [B, F]
+        values, idx = pre.topk(k, dim=1, sorted=sort)
+        if aux is not None and len(aux):
+            aux_values, j = pre.index_select(1, aux).topk(min(k_aux, len(aux)), dim=1, sorted=False)
+            values, idx = torch.cat([values, aux_values], dim=1), torch.cat([idx, aux[j]], dim=1)
+        acts = values.float().clamp_min(0)
+        ctx.save_for_backward(xc, W_enc, idx, acts)
+        ctx.mark_non_differentiable(idx)
+        return acts, idx
+
+    @staticmethod
+    def backward(ctx, grad, _):
+        xc, W_enc, idx, acts = ctx.saved_tensors
+        grad = grad * (acts > 0)  # the ReLU
+        d_W_enc = _sparse_t_mm(idx, grad, xc, W_enc.shape[1]).T  # [D, F]
+        d_b_enc = torch.zeros(W_enc.shape[1], device=grad.device).index_add_(0, idx.flatten(), grad.flatten())
+        return None, d_W_enc, d_b_enc, -(W_enc @ d_b_enc), None, None, None, None, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """bf16 (or whatever autocast asks for) inside an autocast region of x's device, else x's dtype."""
+    kind = x.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
 
 
 def batch_topk(pre: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,10 +255,14 @@ class SAE(nn.Module):
 
     def decode(self, code: Code) -> torch.Tensor:
         """sum_k acts[:, k] * W_dec[idx[:, k]] + b_dec: Code -> [B, D]."""
-        x = F.embedding_bag(
+        return self.sum_rows(code) + self.b_dec
+
+    def sum_rows(self, code: Code) -> torch.Tensor:
+        """sum_k acts[:, k] * W_dec[idx[:, k]]: Code -> [B, D], gathering K decoder rows per token; its
+        backward is PyTorch's fused embedding-bag kernels, sparse in both the activations and W_dec."""
+        return F.embedding_bag(
             code.idx, self.W_dec, per_sample_weights=code.acts.to(self.W_dec.dtype), mode="sum"
         )
-        return x + self.b_dec
 
     def forward(self, x: torch.Tensor) -> ForwardOutput:
         code = self.encode(x)
@@ -202,30 +275,53 @@ class SAE(nn.Module):
 
     # --- training ---
 
-    def step(self, x: torch.Tensor, dead: torch.Tensor, sparsity_coef: float = 0.0, auxk_coef: float = 0.0,
-             multi_topk: bool = False) -> Step:  # fmt: skip
+    def step(self, x: torch.Tensor, dead: torch.Tensor | None = None, sparsity_coef: float = 0.0,
+             auxk_coef: float = 0.0, multi_topk: bool = False) -> Step:  # fmt: skip
         """The training forward pass of x [B, D] and its loss terms.
 
-        Reconstruction terms are FVUs (scale-free). `dead` [F] marks latents AuxK may use; `sparsity_coef`
-        weights JumpReLU's L0 or ReLU's L1 term; `multi_topk` adds Gao et al.'s (sec. 5.3) L(4k)/8.
+        Reconstruction terms are FVUs (scale-free). `dead` holds the indices of the latents AuxK may use
+        (None or empty: none); `sparsity_coef` weights JumpReLU's L0 or ReLU's L1 term; `multi_topk` adds
+        Gao et al.'s (sec. 5.3) L(4k)/8. Under autocast the large matmuls run in its dtype; reductions in fp32.
         """
-        pre = self.pre_acts(x)  # [B, F]
         losses = {}
+        use_auxk = bool(auxk_coef) and self.arch in ("topk", "batchtopk", "matryoshka")
+        dead = dead if dead is not None and use_auxk else x.new_zeros(0, dtype=torch.long)
         if self.arch == "topk":
-            kk = 4 * self.k if multi_topk else self.k
-            acts, idx = pre.topk(min(kk, self.d_sae), dim=-1, sorted=multi_topk)  # [B, kk]
+            kk = min(4 * self.k if multi_topk else self.k, self.d_sae)
+            acts, idx = _TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, kk, dead, self.d_in // 2,
+                                          multi_topk, _compute_dtype(x))  # fmt: skip
             if multi_topk:
-                losses["fvu_4k"] = fvu(x, self.decode(Code(acts, idx))) / 8
-                acts, idx = acts[:, : self.k], idx[:, : self.k]
-            code = Code(acts, idx)
-            x_hat, z = self.decode(code), self.dense(code)
-        elif self.arch in ("batchtopk", "matryoshka"):
+                losses["fvu_4k"] = fvu(x, self.decode(Code(acts[:, :kk], idx[:, :kk]))) / 8
+            code = Code(acts[:, : self.k], idx[:, : self.k])
+            x_hat = self.decode(code)
+            losses["fvu"] = fvu(x, x_hat)
+            if use_auxk:
+                # Always present (zero while nothing is dead), so logged curves do not start mid-run.
+                aux = Code(acts[:, kk:], idx[:, kk:])
+                residual = (x - x_hat).detach()
+                losses["auxk"] = (
+                    auxk_coef * fvu(residual, self.sum_rows(aux))
+                    if aux.idx.shape[1] else x.new_zeros(())
+                )  # fmt: skip
+            active = (code.acts > 0).float()
+            fired = torch.zeros(self.d_sae, device=x.device).index_add_(
+                0, code.idx.flatten(), active.flatten()
+            )
+            return Step(x_hat, losses, fired, active.sum(dim=1).mean(), code=code)
+
+        if self.arch == "jumprelu":
+            # In fp32 even under autocast: bf16's rounding of pre (0.4%) is coarser than the kernel's width.
+            with torch.autocast(x.device.type, enabled=False):
+                pre = self.pre_acts(x)  # [B, F]
+        else:
+            pre = self.pre_acts(x)
+        if self.arch in ("batchtopk", "matryoshka"):
             z, smallest = batch_topk(pre, self.k)
             if self.training:
                 with torch.no_grad():
                     # The first step sets the threshold; later ones average. No host sync on the hot path.
                     weight = torch.where(self.threshold > 0, 0.01, 1.0)
-                    self.threshold.lerp_(smallest.detach(), weight)
+                    self.threshold.lerp_(smallest.detach().float(), weight)
             x_hat = z @ self.W_dec + self.b_dec
             if self.arch == "matryoshka":
                 # Each prefix of the dictionary reconstructs x alone; the loss sums them (Bussmann 2025).
@@ -240,30 +336,29 @@ class SAE(nn.Module):
         elif self.arch == "jumprelu":
             z = _JumpReLU.apply(pre, self.threshold, self.bandwidth)
             x_hat = z @ self.W_dec + self.b_dec
-            l0 = _Heaviside.apply(pre, self.threshold, self.bandwidth).sum(dim=1).mean()
+            l0 = _Heaviside.apply(pre, self.threshold, self.bandwidth).sum(dim=1).float().mean()
             losses["l0_penalty"] = sparsity_coef * l0
         else:  # relu
             z = pre
             x_hat = z @ self.W_dec + self.b_dec
-            losses["l1_penalty"] = sparsity_coef * (z * self.W_dec.norm(dim=1)).sum(dim=1).mean()
+            penalty = (z * self.W_dec.norm(dim=1)).sum(dim=1, dtype=torch.float32).mean()
+            losses["l1_penalty"] = sparsity_coef * penalty
+        x_hat = x_hat.float()
         losses["fvu"] = fvu(x, x_hat)
-        if auxk_coef and self.arch in ("topk", "batchtopk", "matryoshka"):
-            # Always present (zero while nothing is dead), so logged curves do not start mid-run.
-            losses["auxk"] = (
-                auxk_coef * self.auxk(x, x_hat, pre, dead) if bool(dead.any()) else x.new_zeros(())
-            )
-        return Step(x_hat, z, losses)
+        if use_auxk:
+            losses["auxk"] = auxk_coef * self.auxk(x, x_hat, pre, dead) if len(dead) else x.new_zeros(())
+        active = z > 0
+        return Step(x_hat, losses, active.sum(dim=0).float(), active.sum(dim=1).float().mean(), z=z)
 
     def auxk(
         self, x: torch.Tensor, x_hat: torch.Tensor, pre: torch.Tensor, dead: torch.Tensor
     ) -> torch.Tensor:
-        """AuxK (Gao et al. 2024, appendix A.2): the top-k_aux dead latents, k_aux = D/2, reconstruct the main
-        residual; normalized by the residual's variance so it is scale-free like the main loss."""
-        k_aux = min(self.d_in // 2, int(dead.sum()))
+        """AuxK (Gao et al. 2024, appendix A.2): the top-k_aux of the `dead` latents (indices), k_aux = D/2,
+        reconstruct the main residual; normalized by the residual's variance so it is scale-free like the
+        main loss."""
         residual = (x - x_hat).detach()  # [B, D]
-        acts, idx = pre.masked_fill(~dead, float("-inf")).topk(k_aux, dim=-1, sorted=False)  # [B, k_aux]
-        e_hat = F.embedding_bag(idx, self.W_dec, per_sample_weights=acts.clamp_min(0), mode="sum")  # [B, D]
-        return fvu(residual, e_hat)
+        acts, j = pre.index_select(1, dead).topk(min(self.d_in // 2, len(dead)), dim=-1, sorted=False)
+        return fvu(residual, self.sum_rows(Code(acts.float().clamp_min(0), dead[j])))
 
     @property
     def unit_decoder(self) -> bool:
@@ -280,8 +375,8 @@ class SAE(nn.Module):
         """Projects out the part of each decoder row's gradient along the row, which would only change its
         norm (undone by `normalize_decoder` anyway) and distort Adam's statistics (Bricken et al. 2023)."""
         if self.W_dec.grad is not None:
-            along = (self.W_dec.grad * self.W_dec).sum(dim=1, keepdim=True)
-            self.W_dec.grad -= along * self.W_dec
+            along = torch.linalg.vecdot(self.W_dec.grad, self.W_dec, dim=1)  # [F]
+            self.W_dec.grad.addcmul_(along[:, None], self.W_dec, value=-1)
 
     @torch.no_grad()
     def fold_input_scale(self, scale: float) -> None:

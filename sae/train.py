@@ -13,7 +13,6 @@
 - A latent is dead after `dead_tokens` tokens without firing (counted in tokens, not steps).
 """
 
-import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sae.config import SAEConfig, TrainConfig
 from sae.files import save_tensors, write_json
+from sae.harvest import resolve_dtype
 from sae.model import SAE
 
 # Sparsity coefficients in FVU units for SmolLM2-135M block 15 (4608 latents). At 400k tokens: jumprelu 1.5e-3
@@ -34,6 +34,14 @@ DENSE = 0.1  # a latent firing on more than this fraction of tokens counts as de
 
 Logger = Callable[[dict, int], None]
 Evaluate = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict]
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the SAE's large matmuls for `train.precision` (`auto`: bf16 where the hardware runs it
+    natively, as for the model)."""
+    if name == "auto":
+        return resolve_dtype("auto", device)
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
 def default_lr(d_sae: int) -> float:
@@ -122,7 +130,7 @@ def train(
     groups = [{"params": [p for n, p in sae.named_parameters() if n != "threshold"], "lr": lr}]
     if sae.arch == "jumprelu":
         groups.append({"params": [sae.threshold], "lr": lr * sae_cfg.threshold_lr_scale})
-    opt = torch.optim.Adam(groups, lr=lr, eps=6.25e-10)
+    opt = torch.optim.Adam(groups, lr=lr, eps=6.25e-10, fused=True)  # one pass per parameter
     steps = max(1, cfg.tokens // cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, steps, cfg.warmup_steps, cfg.decay_fraction)
@@ -134,11 +142,8 @@ def train(
     eval_window = torch.zeros(sae.d_sae, device=device)  # firings since the last evaluation
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     step_fn = torch.compile(sae.step) if cfg.compile else sae.step
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if cfg.precision != "float32" and device.type == "cuda"
-        else contextlib.nullcontext()
-    )
+    bf16 = resolve_precision(cfg.precision, device) == torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def stream():
         yield first
@@ -152,8 +157,10 @@ def train(
     tokens = done = since_log = since_eval = 0
     clock = time.perf_counter()
     sae.train()
+    dead = (
+        (since_fired >= cfg.dead_tokens).nonzero().flatten()
+    )  # indices of the dead latents, refreshed at every log step
     for step, x in bar:
-        dead = since_fired >= cfg.dead_tokens
         with autocast:
             out = step_fn(x, dead, coef * min(1.0, (step + 1) / warm), cfg.auxk_coef, sae_cfg.multi_topk)
         loss = torch.stack(list(out.losses.values())).sum()
@@ -168,22 +175,22 @@ def train(
         if sae.unit_decoder:
             sae.normalize_decoder()
 
-        fired = (out.z > 0).sum(dim=0).float()  # [F]
-        window += fired
-        eval_window += fired
-        since_fired = torch.where(fired > 0, 0, since_fired + x.shape[0])
+        window += out.fired
+        eval_window += out.fired
+        since_fired = torch.where(out.fired > 0, 0, since_fired + x.shape[0])
         tokens += x.shape[0]
         since_log += x.shape[0]
         since_eval += x.shape[0]
         done = step + 1
+        # Everything above runs without waiting for the device; the host reads values back only here.
         if step % cfg.log_every == 0 or step == steps - 1:
             now = time.perf_counter()
             metrics = {f"train/{k}": v.item() for k, v in out.losses.items()}
             metrics |= {
                 "train/loss": loss.item(),
-                "train/l0": (out.z > 0).sum(dim=1).float().mean().item(),
+                "train/l0": out.l0.item(),
                 "train/mse": float((x - out.x_hat).pow(2).mean().item() / scale**2),
-                "train/dead_fraction": dead.float().mean().item(),
+                "train/dead_fraction": len(dead) / sae.d_sae,
                 "train/dense_fraction": (window > DENSE * since_log).float().mean().item(),
                 "train/lr": float(sched.get_last_lr()[0]),
                 "train/tokens": tokens,
@@ -194,6 +201,7 @@ def train(
                             dead=f"{metrics['train/dead_fraction']:.3f}")  # fmt: skip
             window.zero_()
             since_log, clock = 0, now
+            dead = (since_fired >= cfg.dead_tokens).nonzero().flatten()
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
             density = eval_window / since_eval
             metrics = {"train/log10_density": density.clamp_min(1e-10).log10().cpu()}

@@ -59,10 +59,11 @@ def test_every_architecture_trains_and_reloads(arch, tmp_path):
 def test_topk_code_has_exactly_k_and_multi_topk_adds_the_4k_term():
     sae = SAE(D, F, K, seed=2)
     x = x_batch()
-    dead = torch.zeros(F, dtype=torch.bool)
-    plain = sae.step(x, dead)
-    assert set(plain.losses) == {"fvu"} and ((plain.z > 0).sum(dim=1) <= K).all()
-    multi = sae.step(x, dead, multi_topk=True)
+    plain = sae.step(x)
+    assert set(plain.losses) == {"fvu"} and plain.code.idx.shape == (B, K)
+    assert plain.l0 == (plain.code.acts > 0).sum(dim=1).float().mean() <= K
+    assert plain.fired.sum() == (plain.code.acts > 0).sum()
+    multi = sae.step(x, multi_topk=True)
     torch.testing.assert_close(multi.losses["fvu"], plain.losses["fvu"])
     acts, idx = sae.pre_acts(x).topk(4 * K, dim=1)
     x_hat_4k = sae.decode(sparse(torch.zeros(B, F).scatter(1, idx, acts)))
@@ -97,13 +98,13 @@ def test_jumprelu_thresholds_receive_gradient_and_move():
     pre = sae.pre_acts(x)
     with torch.no_grad():
         sae.threshold.copy_(pre.median(dim=0).values)  # many pre-activations within the kernel
-    step = sae.step(x, torch.zeros(F, dtype=torch.bool), sparsity_coef=0.1)
+    step = sae.step(x, None, sparsity_coef=0.1)
     assert set(step.losses) == {"fvu", "l0_penalty"}
     sum(step.losses.values()).backward()
     assert sae.threshold.grad is not None and (sae.threshold.grad != 0).sum() > F // 2
     # The L0 term alone pushes every threshold up (fewer active latents), never down.
     sae.zero_grad()
-    sae.step(x, torch.zeros(F, dtype=torch.bool), sparsity_coef=0.1).losses["l0_penalty"].backward()
+    sae.step(x, None, sparsity_coef=0.1).losses["l0_penalty"].backward()
     assert (sae.threshold.grad <= 0).all() and (sae.threshold.grad < 0).any()
     # z is pre where pre > theta and 0 elsewhere.
     theta = sae.threshold.detach()
@@ -132,7 +133,7 @@ def test_jumprelu_heaviside_has_the_rectangle_kernel_gradient():
 def test_matryoshka_prefix_losses_are_each_prefix_reconstructing_alone():
     sae = SAE(D, F, K, arch="matryoshka", prefixes=(8, 24, F), seed=4)
     x = x_batch()
-    step = sae.step(x, torch.zeros(F, dtype=torch.bool))
+    step = sae.step(x, None)
     z = step.z.detach()
     ref = sum(fvu(x, z[:, :m] @ sae.W_dec[:m] + sae.b_dec) for m in (8, 24))
     torch.testing.assert_close(step.losses["prefix_fvu"], ref)
@@ -154,7 +155,7 @@ def test_relu_l1_is_weighted_by_decoder_norms():
     with torch.no_grad():
         sae.W_dec.mul_(torch.linspace(0.5, 3.0, F)[:, None])  # rows of different norms
     x = x_batch()
-    step = sae.step(x, torch.zeros(F, dtype=torch.bool), sparsity_coef=0.01)
+    step = sae.step(x, None, sparsity_coef=0.01)
     z = sae.pre_acts(x)
     torch.testing.assert_close(
         step.losses["l1_penalty"], 0.01 * (z * sae.W_dec.norm(dim=1)).sum(dim=1).mean()
@@ -163,7 +164,7 @@ def test_relu_l1_is_weighted_by_decoder_norms():
     share = 0.01 * (z[:, 7] * sae.W_dec[7].norm()).mean()
     with torch.no_grad():
         sae.W_dec[7] *= 2
-    doubled = sae.step(x, torch.zeros(F, dtype=torch.bool), sparsity_coef=0.01).losses["l1_penalty"]
+    doubled = sae.step(x, None, sparsity_coef=0.01).losses["l1_penalty"]
     torch.testing.assert_close(doubled - step.losses["l1_penalty"], share)
 
 

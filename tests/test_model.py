@@ -206,3 +206,75 @@ def test_load_without_config_raises(tmp_path):
     (tmp_path / "cfg.json").unlink()
     with pytest.raises(FileNotFoundError, match="cfg.json"):
         SAE.load(tmp_path)
+
+
+def _dense_topk_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor, auxk_coef: float) -> torch.Tensor:
+    """The TopK training loss (FVU, L(4k)/8, AuxK) written densely: the reference for the sparse kernels."""
+    pre = torch.relu((x - sae.b_dec) @ sae.W_enc + sae.b_enc)  # [B, F]
+
+    def top(p, k):
+        v, i = p.topk(k, dim=1)
+        return torch.zeros_like(p).scatter(1, i, v)
+
+    x_hat = top(pre, K) @ sae.W_dec + sae.b_dec
+    loss = fvu(x, x_hat) + fvu(x, top(pre, 4 * K) @ sae.W_dec + sae.b_dec) / 8
+    is_dead = torch.zeros(F, dtype=torch.bool)
+    is_dead[dead] = True
+    e_hat = top(pre.masked_fill(~is_dead, -1e9), min(D // 2, len(dead))).clamp_min(0) @ sae.W_dec
+    return loss + auxk_coef * fvu((x - x_hat).detach(), e_hat)
+
+
+def test_sparse_topk_step_has_the_dense_gradients():
+    # The sparse encoder backward and the embedding-bag decoder give every parameter the gradient of the
+    # dense computation, AuxK and Multi-TopK included.
+    sae = make_sae(seed=3, b_enc=0.1)
+    ref = make_sae(seed=3, b_enc=0.1)
+    x = 2 * rand(64, D, seed=4)
+    dead = torch.tensor([3, 5, 17, 40, 63])
+    out = sae.step(x, dead, auxk_coef=0.5, multi_topk=True)
+    assert set(out.losses) == {"fvu", "fvu_4k", "auxk"}
+    torch.stack(list(out.losses.values())).sum().backward()
+    loss = _dense_topk_loss(ref, x, dead, 0.5)
+    loss.backward()
+    torch.testing.assert_close(sum(out.losses.values()), loss)
+    for (name, p), q in zip(sae.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_a_latent_chosen_twice_gets_both_gradients():
+    # A dead latent can be among a token's top k and among its AuxK candidates: its two gradients add up.
+    sae = make_sae(seed=5, b_enc=10.0)  # every pre-activation positive
+    x = rand(8, D, seed=6)
+    top = sae.pre_acts(x).topk(K, dim=1).indices[:, 0]  # one latent each token keeps
+    dead = top.unique()
+    out = sae.step(x, dead, auxk_coef=1.0)
+    torch.stack(list(out.losses.values())).sum().backward()
+    ref = make_sae(seed=5, b_enc=10.0)
+    pre = torch.relu((x - ref.b_dec) @ ref.W_enc + ref.b_enc)
+    v, i = pre.topk(K, dim=1)
+    x_hat = torch.zeros_like(pre).scatter(1, i, v) @ ref.W_dec + ref.b_dec
+    is_dead = torch.zeros(F, dtype=torch.bool)
+    is_dead[dead] = True
+    va, ia = pre.masked_fill(~is_dead, -1e9).topk(min(D // 2, len(dead)), dim=1)
+    e_hat = torch.zeros_like(pre).scatter(1, ia, va.clamp_min(0)) @ ref.W_dec
+    (fvu(x, x_hat) + fvu((x - x_hat).detach(), e_hat)).backward()
+    torch.testing.assert_close(sae.W_enc.grad, ref.W_enc.grad)
+    torch.testing.assert_close(sae.b_enc.grad, ref.b_enc.grad)
+
+
+def test_bf16_step_keeps_fp32_weights_and_is_close_to_fp32():
+    sae = make_sae(seed=7, b_enc=0.1)
+    x = 2 * rand(256, D, seed=8)
+    exact = sae.step(x)
+    exact.losses["fvu"].backward()
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = sae.step(x)
+    assert mixed.losses["fvu"].dtype == mixed.x_hat.dtype == torch.float32
+    mixed.losses["fvu"].backward()
+    torch.testing.assert_close(mixed.losses["fvu"], exact.losses["fvu"], rtol=0.02, atol=0)
+    for name, p in sae.named_parameters():
+        assert p.dtype == p.grad.dtype == torch.float32
+        cos = torch.nn.functional.cosine_similarity(p.grad.flatten(), grads[name].flatten(), dim=0)
+        assert cos > 0.98, name
