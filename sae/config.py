@@ -133,6 +133,9 @@ class TrainConfig:
     """Harvest once into memory and train on shuffled passes; else stream through the shuffle buffer."""
     buffer_tokens: int = 262_144
     """Shuffle-buffer size in tokens when streaming."""
+    cache_dir: str | None = None
+    """Activation cache directory: harvest into it (resuming an interrupted harvest), then train from it; a
+    later run with the same model, hook(s), data and harvest settings reuses it without running the model."""
     batch_size: int = 1024
     """Tokens per optimizer step."""
     lr: float | None = None

@@ -11,7 +11,7 @@ import os
 import queue
 import shutil
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -277,7 +277,7 @@ def epochs(
                 return
 
 
-def prefetch(items: Iterable[T], depth: int = 2) -> Iterator[T]:
+def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
     """Iterates `items` in a background thread up to `depth` items ahead, so producing the next item (a model
     forward, a shard read) overlaps consuming this one; torch releases the GIL inside its kernels. An
     exception in the producer is raised here; closing this iterator early stops the producer."""

@@ -9,7 +9,10 @@ import dataclasses
 import functools
 import itertools
 import json
+import resource
 import shutil
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +22,7 @@ from tqdm.auto import tqdm
 
 from sae import analyze as an
 from sae import dashboard, harvest
+from sae.cache import write_cache
 from sae.config import AnalyzeJob, DataConfig, ModelConfig, SAEConfig, TrainJob, from_dict, sae_variants
 from sae.data import Contexts, packed_contexts
 from sae.files import write_json
@@ -50,17 +54,34 @@ def harvest_in_memory(
     return torch.cat(chunks)
 
 
-def _streamed(cfg: TrainJob, model, tokenizer, module: str) -> Iterator[torch.Tensor]:
-    """Activations harvested on the fly through the shuffle buffer, passing over the corpus repeatedly."""
+def _locked(fn: Callable, lock: threading.Lock) -> Callable:
+    """`fn` called holding `lock`."""
+
+    def call(*args, **kwargs):
+        with lock:
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def _streamed(cfg: TrainJob, model, tokenizer, module: str, lock: threading.Lock) -> Iterator[torch.Tensor]:
+    """Activations harvested on the fly through the shuffle buffer, passing over the corpus repeatedly.
+
+    Each forward holds `lock`: the stream is produced in a background thread (`harvest.prefetch`), and
+    forward hooks are per module, not per thread, so another forward of the model (the in-training
+    evaluation) must not run at the same time."""
     g = torch.Generator().manual_seed(cfg.train.seed)
 
     def passes() -> Iterator[torch.Tensor]:
         for _ in itertools.count():
             contexts = packed_contexts(cfg.data, tokenizer, "train", cfg.model.batch_size)
-            for x, _, _ in harvest.activations(
-                model, module, contexts, max_norm_ratio=cfg.model.max_norm_ratio
-            ):
-                yield x
+            acts = harvest.activations(model, module, contexts, max_norm_ratio=cfg.model.max_norm_ratio)
+            while True:
+                with lock:
+                    item = next(acts, None)
+                if item is None:
+                    break
+                yield item[0]
 
     return harvest.shuffled(passes(), cfg.train.buffer_tokens, cfg.train.batch_size, g)
 
@@ -185,26 +206,54 @@ def harvest_modules(model, modules: list[str], contexts: Iterator[Contexts], max
     return {m: torch.cat(c)[:max_tokens] for m, c in chunks.items()}
 
 
+def peak_memory() -> dict[str, float]:
+    """Peak memory of this process so far, in GiB: host RSS, and CUDA memory where CUDA was used."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    peak = {"peak_rss_gb": round(rss / (2**30 if sys.platform == "darwin" else 2**20), 3)}
+    if torch.cuda.is_initialized():
+        peak["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    return peak
+
+
+def _cache_provenance(cfg: TrainJob) -> dict:
+    """What changes the cached activations besides the modules, the model's dtype and the harvest settings
+    `write_cache` adds itself. `model.batch_size` counts: `keep_rows` compares norms within a batch."""
+    data = ("path", "name", "split", "text_column", "context_size", "holdout_every")
+    return {"model": cfg.model.name, "gguf_file": cfg.model.gguf_file, "batch_size": cfg.model.batch_size,
+            "data": {key: getattr(cfg.data, key) for key in data}}  # fmt: skip
+
+
 def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str, d_in: int,
-               batches: Iterator[torch.Tensor], out_dir: Path, final_dir: Path, start: float) -> dict:  # fmt: skip
-    """Trains one SAE on `batches`, evaluates and analyses it, and writes its run directory `out_dir`."""
+               batches: Iterator[torch.Tensor], out_dir: Path, final_dir: Path, start: float,
+               lock: threading.Lock) -> dict:  # fmt: skip
+    """Trains one SAE on `batches`, evaluates and analyses it, and writes its run directory `out_dir`.
+
+    `batches` are made in a background thread while the SAE trains; when streamed, up to half a shuffle
+    buffer ahead, so the forwards that refill the buffer overlap training. Model forwards hold `lock`."""
     device = harvest.resolve_device(cfg.model.device)
     job = dataclasses.replace(cfg, sae=sae_cfg, saes=[], run_dir=str(final_dir))
     run = _wandb_run(job, out_dir)
     evaluate = None
     if cfg.eval.train_loss_contexts:
-        evaluate = functools.partial(loss_recovered, model=model, tokenizer=tokenizer, module=module,
-                                     model_cfg=cfg.model, data=cfg.data,
-                                     n_contexts=cfg.eval.train_loss_contexts, progress=False)  # fmt: skip
+        loss = functools.partial(loss_recovered, model=model, tokenizer=tokenizer, module=module,
+                                 model_cfg=cfg.model, data=cfg.data, n_contexts=cfg.eval.train_loss_contexts,
+                                 progress=False)  # fmt: skip
+        evaluate = _locked(loss, lock)
+    depth = 2 if cfg.train.in_memory else max(2, cfg.train.buffer_tokens // 2 // cfg.train.batch_size)
+    ahead = harvest.prefetch(batches, depth)
     try:
-        sae = train(sae_cfg, cfg.train, batches, log=_logger(run), checkpoint_dir=out_dir / "checkpoint",
-                    device=device, evaluate=evaluate)  # fmt: skip
+        try:
+            sae = train(sae_cfg, cfg.train, ahead, log=_logger(run), checkpoint_dir=out_dir / "checkpoint",
+                        device=device, evaluate=evaluate)  # fmt: skip
+        finally:
+            ahead.close()  # stops the producer before this thread runs the model
         stats = an.FeatureStats(sae.d_sae, cfg.analyze) if cfg.do_analyze else None
         tokens = max(cfg.eval.tokens, cfg.analyze.tokens if cfg.do_analyze else 0)
         metrics = held_out_pass(sae, model, tokenizer, module, cfg.model, cfg.data, tokens, stats)
         if cfg.eval.loss_contexts:
             metrics |= loss_recovered(lambda x: sae(x.to(device)).x_hat, model, tokenizer, module, cfg.model,
                                       cfg.data, cfg.eval.loss_contexts)  # fmt: skip
+        metrics |= peak_memory()
         metrics["wall_seconds"] = round(time.time() - start, 1)
         run.summary.update({f"eval/{k}": v for k, v in metrics.items()})
         meta = {"model": cfg.model.name, "hook": module, "d_in": d_in}
@@ -231,23 +280,31 @@ def run_training(cfg: TrainJob) -> dict:
     default = harvest.resolve_module(model, cfg.model)
     modules = [harvest.resolve_module(model, dataclasses.replace(cfg.model, module=v.hook)) if v.hook
                else default for v in variants]  # fmt: skip
-    if len(variants) > 1 and not cfg.train.in_memory:
+    if len(variants) > 1 and not cfg.train.in_memory and not cfg.train.cache_dir:
         raise ValueError(
-            f"{len(variants)} SAEs in `saes` need train.in_memory=true (one harvest shared by all)"
+            f"{len(variants)} SAEs in `saes` need train.in_memory=true or a train.cache_dir (one harvest "
+            "shared by all)"
         )
     train_contexts = packed_contexts(cfg.data, tokenizer, "train", cfg.model.batch_size)
     first = next(train_contexts)  # fails now on a bad corpus, before any long work
     widths = {m: x.shape[-1] for m, x in harvest.capture(model, sorted(set(modules)), first.ids[:1]).items()}
     for v, m in zip(variants, modules):
         _check_width(v, widths[m])
+    contexts = itertools.chain([first], train_contexts)
+    cache = None
+    if cfg.train.cache_dir:  # before the run directory: a cache of other settings fails here
+        cache = write_cache(cfg.train.cache_dir, model, sorted(set(modules)), contexts,
+                            cfg.train.harvest_tokens, cfg.model.max_norm_ratio, _cache_provenance(cfg))  # fmt: skip
 
     final = Path(cfg.run_dir)
     tmp = final.with_name(final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        contexts = itertools.chain([first], train_contexts)
-        if cfg.train.in_memory:
+        lock = threading.Lock()
+        if cfg.train.in_memory and cache is not None:
+            xs = {m: cache.load(m) for m in sorted(set(modules))}
+        elif cfg.train.in_memory:
             xs = harvest_modules(model, sorted(set(modules)), contexts, cfg.train.harvest_tokens,
                                  cfg.model.max_norm_ratio)  # fmt: skip
         results = {}
@@ -256,10 +313,12 @@ def run_training(cfg: TrainJob) -> dict:
             g = torch.Generator().manual_seed(cfg.train.seed)
             if cfg.train.in_memory:
                 batches = harvest.epochs(xs[m], cfg.train.batch_size, cfg.train.tokens, g)
+            elif cache is not None:
+                batches = cache.batches(m, cfg.train.batch_size, cfg.train.tokens, g, cfg.train.buffer_tokens)
             else:
-                batches = _streamed(cfg, model, tokenizer, m)
+                batches = _streamed(cfg, model, tokenizer, m, lock)
             results[v.name] = _train_one(
-                cfg, v, model, tokenizer, m, widths[m], batches, out_dir, final_dir, start
+                cfg, v, model, tokenizer, m, widths[m], batches, out_dir, final_dir, start, lock
             )
         if len(variants) > 1:
             write_json(tmp / "metrics.json", results)
@@ -269,6 +328,9 @@ def run_training(cfg: TrainJob) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    peak = peak_memory()
+    print(f"peak memory: host {peak['peak_rss_gb']:.2f} GiB RSS"
+          + (f", cuda {peak['peak_cuda_gb']:.2f} GiB" if "peak_cuda_gb" in peak else ""))  # fmt: skip
     return results[variants[0].name] if len(variants) == 1 else results
 
 

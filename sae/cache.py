@@ -1,0 +1,301 @@
+"""Activations on disk: harvest once, train many times, and resume an interrupted harvest.
+
+A cache directory holds `meta.json` (provenance, shard list, `complete`) and shards
+`shard-00000.safetensors`, ... with
+
+    acts.<module>  [n, D]  in the model's compute dtype (lossless: the model computed in it)
+    token_id       [n]     int32
+    row            [n]     int64, the dataset row
+    pos            [n]     int32, the position within the row's tokens
+
+Each shard is written atomically and only then listed in `meta.json` (also atomic), so a crash never leaves
+meta pointing at half a shard. A shard ends after a whole context batch, and meta records how many context
+batches were consumed by then: a resumed harvest skips those batches without running the model.
+
+With several modules a token is cached only if `keep_rows` keeps it in every module, so the rows of all
+modules and the provenance line up.
+"""
+
+import contextlib
+import fcntl
+import json
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
+
+from sae import harvest
+from sae.data import Contexts
+from sae.files import save_tensors, write_json
+
+META = "meta.json"
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """A line for each key whose value differs between `old` and `new`, nested keys as `outer.inner`."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} in the cache, {b!r} now")
+    return out
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `directory`, so parallel jobs harvest into it one after the other."""
+    with open(directory / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another process harvesting into {directory}")
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def write_cache(
+    directory: str | Path,
+    model,
+    modules: list[str],
+    contexts: Iterable[Contexts],
+    max_tokens: int,
+    max_norm_ratio: float,
+    provenance: dict,
+    shard_tokens: int = 2**16,
+) -> "ActivationCache":
+    """Harvests `max_tokens` activations of `modules` (fewer if `contexts` run out) into `directory` and
+    returns the cache.
+
+    `provenance` describes whatever else changes the activations (model, data, packing), as plain JSON
+    values; the modules, the model's dtype, `max_norm_ratio` and `max_tokens` are added to it. A complete
+    cache with the same provenance is returned as it is; an incomplete one is resumed; one with other
+    provenance raises ValueError naming the differences.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    provenance = provenance | {
+        "modules": list(modules), "model_dtype": _dtype_name(model.dtype), "max_norm_ratio": max_norm_ratio,
+        "max_tokens": max_tokens,
+    }  # fmt: skip
+    provenance = json.loads(json.dumps(provenance))  # compare as it reads back from meta.json
+    with _locked(directory):
+        meta = _start(directory, provenance, shard_tokens)
+        if not meta["complete"]:
+            _harvest(directory, meta, model, modules, contexts, max_tokens, max_norm_ratio)
+    return ActivationCache(directory)
+
+
+def _start(directory: Path, provenance: dict, shard_tokens: int) -> dict:
+    """The meta of the cache in `directory`: the one there (checked against `provenance`), or a new one."""
+    path = directory / META
+    if path.exists():
+        meta = json.loads(path.read_text())
+        if meta["provenance"] == provenance:
+            return meta
+        if meta["complete"] or meta["shards"]:
+            raise ValueError(
+                f"activation cache {directory} was harvested with other settings ("
+                + "; ".join(_differences(meta["provenance"], provenance))
+                + f"); choose another cache directory or delete {directory}"
+            )
+    elif {p.name for p in directory.iterdir()} - {".lock"}:
+        raise ValueError(
+            f"{directory} is not empty and holds no {META}: it is not an activation cache; choose another "
+            "cache directory"
+        )
+    meta = {
+        "provenance": provenance, "dtype": None, "d_in": {}, "shard_tokens": shard_tokens, "shards": [],
+        "batches": 0, "tokens": 0, "complete": False,
+    }  # fmt: skip
+    write_json(path, meta)
+    return meta
+
+
+def _harvest(directory: Path, meta: dict, model, modules: list[str], contexts: Iterable[Contexts],
+             max_tokens: int, max_norm_ratio: float) -> None:  # fmt: skip
+    """Continues the harvest `meta` describes: skips the context batches already cached, then captures the
+    rest, flushing a shard whenever `shard_tokens` are buffered."""
+    listed = {s["file"] for s in meta["shards"]}
+    for stale in [*directory.glob("shard-*.safetensors"), *directory.glob(".*.tmp*")]:
+        if stale.name not in listed:  # left by a harvest that stopped before listing it
+            stale.unlink()
+    skip, total = meta["batches"], meta["tokens"]
+    buffer: list[dict[str, torch.Tensor]] = []
+    buffered = 0
+    pending: Future | None = None
+
+    def write(shard: dict[str, torch.Tensor], snapshot: dict) -> None:
+        save_tensors(directory / snapshot["shards"][-1]["file"], shard)
+        write_json(directory / META, snapshot)
+
+    def flush() -> None:
+        nonlocal buffer, buffered, pending
+        if buffer:
+            shard = {key: torch.cat([b[key] for b in buffer]) for key in buffer[0]}
+            meta["shards"].append({"file": _shard_name(len(meta["shards"])), "tokens": buffered,
+                                   "batches": meta["batches"]})  # fmt: skip
+            meta["tokens"] += buffered
+            meta["dtype"] = _dtype_name(shard[f"acts.{modules[0]}"].dtype)
+            meta["d_in"] = {m: shard[f"acts.{m}"].shape[1] for m in modules}
+            if pending is not None:
+                pending.result()  # one shard in flight at a time, listed in order
+            pending = writer.submit(write, shard, json.loads(json.dumps(meta)))
+        buffer, buffered = [], 0
+
+    # Packing runs ahead in one thread and the shards are written in another, both beside the forward.
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as writer,
+        contextlib.closing(harvest.prefetch(contexts)) as batches,
+        tqdm(total=max_tokens, initial=total, desc="harvest", unit="tok", unit_scale=True) as bar,
+    ):
+        for i, batch in enumerate(batches):
+            if i < skip:
+                continue
+            acts = harvest.capture(model, modules, batch.ids)  # [N, T, D] each
+            xs = {m: acts[m][batch.mask.to(acts[m].device)] for m in modules}  # [B, D] each
+            keep = torch.stack([harvest.keep_rows(x, max_norm_ratio) for x in xs.values()]).all(dim=0)
+            n = min(int(keep.sum()), max_tokens - total)
+            rows = {f"acts.{m}": x[keep][:n].cpu() for m, x in xs.items()}
+            for key, value, dtype in (("token_id", batch.ids, torch.int32), ("row", batch.row, torch.int64),
+                                      ("pos", batch.pos, torch.int32)):  # fmt: skip
+                rows[key] = value[batch.mask][keep.cpu()][:n].to(dtype)
+            buffer.append(rows)
+            buffered += n
+            total += n
+            meta["batches"] = i + 1
+            bar.update(n)
+            if total >= max_tokens:
+                break
+            if buffered >= meta["shard_tokens"]:
+                flush()
+        flush()
+        if pending is not None:
+            pending.result()
+        meta["complete"] = True
+        write_json(directory / META, meta)
+
+
+class ActivationCache:
+    """A complete activation cache on disk (see the module docstring), read shard by shard."""
+
+    def __init__(self, directory: str | Path):
+        self.dir = Path(directory)
+        path = self.dir / META
+        if not path.exists():
+            raise FileNotFoundError(f"{self.dir} holds no activation cache: {path} does not exist")
+        self.meta: dict = json.loads(path.read_text())
+        """meta.json: provenance, dtype, d_in per module, shards and token counts."""
+        if not self.meta["complete"]:
+            raise ValueError(
+                f"activation cache {self.dir} is incomplete: its harvest was interrupted after "
+                f"{self.meta['tokens']} tokens. Run the same command again (same model, hooks, data and "
+                "harvest settings) to resume it"
+            )
+        for i in range(len(self.meta["shards"])):
+            self._check(i)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the cache (N)."""
+        return self.meta["tokens"]
+
+    @property
+    def modules(self) -> list[str]:
+        """The cached modules, by path."""
+        return self.meta["provenance"]["modules"]
+
+    def _path(self, i: int) -> Path:
+        return self.dir / self.meta["shards"][i]["file"]
+
+    def _check(self, i: int) -> None:
+        """Raises if shard i is missing, truncated, or not the size meta.json says."""
+        path, n = self._path(i), self.meta["shards"][i]["tokens"]
+        if not path.exists():
+            raise FileNotFoundError(
+                f"activation cache shard {path} is missing; delete {self.dir} and harvest again"
+            )
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+        except SafetensorError as err:
+            raise ValueError(
+                f"activation cache shard {path} is corrupt ({err}); delete {self.dir} and harvest again"
+            ) from None
+        expected = {f"acts.{m}": [n, d] for m, d in self.meta["d_in"].items()}
+        expected |= {key: [n] for key in ("token_id", "row", "pos")}
+        if shapes != expected:
+            raise ValueError(
+                f"activation cache shard {path} holds {shapes}, not the {expected} {META} lists; delete "
+                f"{self.dir} and harvest again"
+            )
+
+    def _read(self, i: int, key: str) -> torch.Tensor:
+        with safe_open(str(self._path(i)), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def _key(self, module: str) -> str:
+        if module not in self.modules:
+            raise ValueError(
+                f"module {module!r} is not in activation cache {self.dir}; it holds {self.modules}"
+            )
+        return f"acts.{module}"
+
+    def load(self, module: str) -> torch.Tensor:
+        """All activations [N, D] of `module` as float32, in harvest order."""
+        key = self._key(module)
+        out = torch.empty(self.tokens, self.meta["d_in"][module])  # [N, D]
+        start = 0
+        for i, shard in enumerate(self.meta["shards"]):
+            out[start : start + shard["tokens"]] = self._read(i, key)
+            start += shard["tokens"]
+        return out
+
+    def provenance(self) -> dict[str, torch.Tensor]:
+        """`token_id`, `row` and `pos` [N] of every cached token, aligned with `load`."""
+        shards = range(len(self.meta["shards"]))
+        return {key: torch.cat([self._read(i, key) for i in shards]) for key in ("token_id", "row", "pos")}
+
+    def batches(
+        self,
+        module: str,
+        batch_size: int,
+        tokens: int,
+        generator: torch.Generator,
+        buffer_tokens: int = 2**18,
+    ) -> Iterator[torch.Tensor]:
+        """Shuffled float32 batches [batch_size, D] of `module`, pass after pass over the cache, until
+        `tokens` were served.
+
+        Each pass reads the shards in a random order through a shuffle buffer of about `buffer_tokens`
+        tokens (`harvest.shuffled`), so memory stays bounded however large the cache. Within a pass each
+        token is served at most once: all but fewer than `batch_size` of them.
+        """
+        key = self._key(module)
+        if self.tokens < batch_size:
+            raise ValueError(
+                f"activation cache {self.dir} holds {self.tokens} tokens, fewer than one batch of "
+                f"{batch_size}"
+            )
+        n = len(self.meta["shards"])
+        served = 0
+        while True:
+            order = torch.randperm(n, generator=generator).tolist()
+            chunks = (self._read(i, key).float() for i in order)
+            for x in harvest.shuffled(chunks, buffer_tokens, batch_size, generator):
+                yield x
+                served += len(x)
+                if served >= tokens:
+                    return
