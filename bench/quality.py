@@ -58,10 +58,13 @@ def held_out(reconstruct: Reconstruct, x: torch.Tensor, d_sae: int) -> dict:
     }
 
 
-def ours(arch: str, x: torch.Tensor, d_sae: int, k: int, tokens: int, batch_size: int, seed: int):
+def ours(arch: str, x: torch.Tensor, d_sae: int, k: int, tokens: int, batch_size: int, seed: int, **train_kw):
+    """Trains our SAE on x; returns (reconstruct, training seconds). `train_kw`: further TrainConfig fields."""
     d_in = x.shape[1]
     sae_cfg = SAEConfig(arch=arch, expansion_factor=d_sae // d_in, k=k)
-    cfg = TrainConfig(tokens=tokens, batch_size=batch_size, seed=seed, log_every=10**9, eval_every=0)
+    cfg = TrainConfig(
+        tokens=tokens, batch_size=batch_size, seed=seed, log_every=10**9, eval_every=0, **train_kw
+    )
     start = time.perf_counter()
     sae = train(sae_cfg, cfg, batches(x, batch_size, tokens, seed))
     seconds = time.perf_counter() - start

@@ -1,6 +1,9 @@
 """Hooking a module by name, stopping the forward early, and the activation streams."""
 
+import itertools
 import math
+import threading
+import time
 
 import pytest
 import torch
@@ -228,3 +231,48 @@ def test_harvest_modules_gives_each_module_what_a_single_hook_harvest_gives(tiny
     # Capped at max_tokens, from the same forward passes for every module.
     capped = harvest_modules(model, ["model.layers.1", "model.layers.3"], contexts(), 50, 0.0)
     assert [len(x) for x in capped.values()] == [50, 50]
+
+
+def test_prefetch_yields_everything_in_order_and_runs_ahead():
+    produced = []
+
+    def items():
+        for i in range(6):
+            produced.append(i)
+            yield i
+
+    ahead = harvest.prefetch(items(), depth=2)
+    assert next(ahead) == 0
+    deadline = time.monotonic() + 5
+    while len(produced) < 4 and time.monotonic() < deadline:  # 1 taken + 2 queued + 1 waiting to be queued
+        time.sleep(0.01)
+    assert produced == [0, 1, 2, 3]  # made while the consumer did nothing, and no further than depth allows
+    assert list(ahead) == [1, 2, 3, 4, 5]
+
+
+def test_prefetch_raises_the_producers_error():
+    def items():
+        yield 1
+        raise KeyError("bad row")
+
+    ahead = harvest.prefetch(items())
+    assert next(ahead) == 1
+    with pytest.raises(KeyError, match="bad row"):
+        next(ahead)
+
+
+def test_closing_prefetch_stops_the_producer():
+    produced = []
+
+    def endless():
+        for i in itertools.count():
+            produced.append(i)
+            yield i
+
+    ahead = harvest.prefetch(endless(), depth=3)
+    assert [next(ahead) for _ in range(5)] == [0, 1, 2, 3, 4]
+    ahead.close()  # joins the producer thread
+    n = len(produced)
+    time.sleep(0.05)
+    assert len(produced) == n <= 5 + 3 + 1
+    assert not any(t.name == "prefetch" for t in threading.enumerate())
