@@ -5,7 +5,8 @@
 
 All trainers run in this one process, one after another, with the same threads, on the same shuffled
 batches of the same cached activations (`bench/activations.py`), at the same width, k and batch size, each
-with its own default recipe (`bench/peers.py`; peers where installed: `pip install -e .[bench]`). Prints:
+with its own default recipe (`bench/peers.py`; peers where installed: `pip install -e .[bench]`), and all
+with the allocator setting our training applies on the CPU (`sae.train.keep_freed_memory`). Prints:
 - the measured peak of a matmul of the encoder's shape, [batch, D] @ [D, F], in fp32 and bf16;
 - training tokens/s of each trainer over `--steps` steps, and ours / each peer;
 - our achieved fraction of that peak: tokens/s x 2*D*F (the encoder product every token needs; all else
@@ -29,6 +30,7 @@ import quality  # noqa: E402  (bench/quality.py)
 
 from sae.config import DataConfig, ModelConfig  # noqa: E402
 from sae.harvest import resolve_dtype  # noqa: E402
+from sae.train import keep_freed_memory  # noqa: E402
 
 
 def matmul_peak(B: int, D: int, F: int, dtype: torch.dtype, seconds: float = 2.0) -> float:
@@ -63,6 +65,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # what our train() does on the CPU, here for every trainer alike
 
     x_train, x_test = acts_file.load(
         acts_file.activation_file(ModelConfig(layer=args.layer), DataConfig(), 600_000, 65_536)

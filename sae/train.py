@@ -13,7 +13,9 @@
 - A latent is dead after `dead_tokens` tokens without firing (counted in tokens, not steps).
 """
 
+import ctypes
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -42,6 +44,24 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return resolve_dtype("auto", device)
     return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
+def keep_freed_memory() -> None:
+    """Asks glibc's allocator to keep freed memory for reuse (no-op elsewhere).
+
+    By default glibc returns large freed blocks to the OS, so every training step's [F, D]-sized temporaries
+    (gradients, optimizer scratch) are mapped again and page-faulted in: about 15% of a CPU training step
+    for a 4608 x 576 SAE. With it, the process keeps its peak footprint instead of shrinking between steps.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from malloc.h
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)  # blocks below 1 GiB come from the heap...
+    libc.mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)  # ...which is not shrunk when they are freed
 
 
 def default_lr(d_sae: int) -> float:
@@ -113,6 +133,8 @@ def train(
     reconstructions and returns metrics to log (e.g. the spliced-in loss on held-out tokens).
     """
     device = torch.device(device)
+    if device.type == "cpu":
+        keep_freed_memory()
     batches = iter(activations)
     first = next(batches, None)
     if first is None:
