@@ -132,7 +132,12 @@ def _csr_t(idx: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
     flat = idx.flatten()
     order = flat.argsort(stable=True)  # by latent, tokens ascending within each
     crow = torch.zeros(n + 1, dtype=torch.long, device=idx.device)
-    crow[1:] = torch.bincount(flat, minlength=n).cumsum(0)
+    # (not bincount: on CUDA it reads the largest index back to the host)
+    crow[1:] = (
+        torch.zeros(n, dtype=torch.long, device=idx.device)
+        .index_add_(0, flat, torch.ones_like(flat))
+        .cumsum(0)
+    )
     return torch.sparse_csr_tensor(
         crow, order // K, values.flatten()[order], size=(n, B), check_invariants=False
     )
