@@ -3,7 +3,8 @@
 For every latent: how often it fires (density), its max and mean activation, and its `top_k` strongest
 examples, each with provenance (dataset row, position) and a context window of token ids with the
 latent's activation on each of them. Memory is O(F x top_k x window), whatever the number of tokens: each
-batch's per-feature top-k is merged into the running top-k and the rest is dropped.
+batch's per-feature top-k is merged into the running top-k and the rest is dropped. The work is done on the
+sparse code (B x K active latents), never on the dense latents [N, T, F].
 """
 
 import json
@@ -35,38 +36,81 @@ class FeatureStats:
         self.window_acts = torch.zeros(d_sae, k, W)  # [F, k, W]
 
     @torch.no_grad()
-    def update(self, z: torch.Tensor, batch: Contexts) -> None:
-        """Folds in the dense latents z [N, T, F] of `batch` (masked positions must be zero)."""
-        N, T, F = z.shape
-        z = z.float().cpu()
-        fired = z > 0
+    def update(self, code: Code, used: torch.Tensor, batch: Contexts) -> None:
+        """Folds in the sparse code of `batch`: Code([B, K], [B, K]) of the B True positions of `used` [N, T]
+        in row-major order (what `harvest.activations` yields and `SAE.encode` makes of it); zero acts are
+        padding, and a token's live latents are distinct.
+
+        Never forms the dense latents [N, T, F]: only (token, latent, act) triples above their latent's
+        current k-th best value can enter the top-k, and context windows are built for those alone.
+        """
+        F, k = len(self.count), self.cfg.top_k
+        acts, idx = code.acts.detach().float().cpu(), code.idx.cpu()  # [B, K]
+        used = used.cpu()
+        nt = used.nonzero()  # [B, 2] (n, t) of each token
+        B = len(nt)
+        if acts.shape[0] != B:
+            raise ValueError(f"the code holds {acts.shape[0]} tokens but `used` marks {B} positions")
         self.tokens += int(batch.mask.sum())
-        self.count += fired.sum(dim=(0, 1))
-        self.act_sum += z.sum(dim=(0, 1))
-        self.max_act = torch.maximum(self.max_act, z.amax(dim=(0, 1)))
+        live = acts > 0
+        b = torch.arange(B)[:, None].expand_as(idx)[live]  # [L] token of each live triple
+        f, a = idx[live], acts[live]  # [L]
+        self.count.index_add_(0, f, torch.ones_like(a))
+        self.act_sum.index_add_(0, f, a)
+        self.max_act.scatter_reduce_(0, f, a, "amax")
 
-        k = min(self.cfg.top_k, N * T)
-        vals, flat = z.reshape(N * T, F).topk(k, dim=0)  # [k, F]: this batch's strongest tokens per feature
-        vals, flat = vals.T, flat.T  # [F, k]
-        n, t = flat // T, flat % T
-        # Context windows around each candidate: positions t - before .. t + after of the same context.
+        # Candidates: triples that beat their latent's k-th best so far (0 while its top-k has room),
+        # grouped by latent, strongest first, at most k per latent.
+        above = a > self.top_act[f, -1]
+        b, f, a = b[above], f[above], a[above]
+        if not len(a):
+            return
+        a, order = a.sort(descending=True)
+        b, f = b[order], f[order]
+        f, order = f.sort(stable=True)
+        b, a = b[order], a[order]
+        feats, counts = f.unique_consecutive(return_counts=True)  # [U]
+        start = counts.cumsum(0) - counts
+        rank = torch.arange(len(f)) - start.repeat_interleave(counts)
+        slot = rank < k
+        u = torch.arange(len(feats)).repeat_interleave(counts)[slot]  # [C] candidate -> its latent's row
+        b, f, a, rank = b[slot], f[slot], a[slot], rank[slot]
+
+        # Windows around the candidates: positions t - before .. t + after of the same context, with the
+        # candidate latent's act at each, looked up in the code by the sorted key (token, latent).
+        n, t = nt[b].T  # [C]
         offsets = torch.arange(-self.cfg.window_before, self.cfg.window_after + 1)  # [W]
-        wt = t[..., None] + offsets  # [F, k, W]
-        inside = (wt >= 0) & (wt < T)
-        wt = wt.clamp(0, T - 1)
-        wn = n[..., None].expand_as(wt)
+        wt = t[:, None] + offsets  # [C, W]
+        inside = (wt >= 0) & (wt < used.shape[1])
+        wt = wt.clamp(0, used.shape[1] - 1)
+        wn = n[:, None].expand_as(wt)
         ids = torch.where(inside, batch.ids[wn, wt], -1)
-        feature = torch.arange(F)[:, None, None].expand_as(wt)
-        acts = torch.where(inside, z[wn, wt, feature], 0.0)
+        token = torch.full(used.shape, -1)  # [N, T] row of the code each position came from, -1 if none
+        token[used] = torch.arange(B)
+        wb = torch.where(inside, token[wn, wt], -1)  # [C, W]
+        idx_sorted, order = torch.where(live, idx, F).sort(dim=1)  # padding last within each token
+        keys = (torch.arange(B)[:, None] * (F + 1) + idx_sorted).flatten()  # [B * K] increasing
+        query = wb * (F + 1) + f[:, None]  # [C, W]
+        at = torch.searchsorted(keys, query).clamp_max(len(keys) - 1)
+        w_acts = torch.where((wb >= 0) & (keys[at] == query), acts.gather(1, order).flatten()[at], 0.0)
 
-        all_act = torch.cat([self.top_act, vals], dim=1)  # [F, k_old + k]
-        keep = all_act.topk(self.cfg.top_k, dim=1).indices  # [F, top_k]
-        self.top_act = all_act.gather(1, keep)
-        self.top_row = torch.cat([self.top_row, batch.row[n, t]], dim=1).gather(1, keep)
-        self.top_pos = torch.cat([self.top_pos, batch.pos[n, t]], dim=1).gather(1, keep)
-        keep_w = keep[..., None].expand(-1, -1, ids.shape[-1])
-        self.window_ids = torch.cat([self.window_ids, ids], dim=1).gather(1, keep_w)
-        self.window_acts = torch.cat([self.window_acts, acts], dim=1).gather(1, keep_w)
+        # Merge into the running top-k of the U latents that have candidates; empty slots stay empty.
+        W = len(offsets)
+        new_act = torch.zeros(len(feats), k)  # [U, k]
+        new_row = torch.full((len(feats), k), -1)
+        new_pos = torch.full((len(feats), k), -1)
+        new_ids = torch.full((len(feats), k, W), -1)
+        new_wacts = torch.zeros(len(feats), k, W)
+        new_act[u, rank], new_row[u, rank], new_pos[u, rank] = a, batch.row[n, t], batch.pos[n, t]
+        new_ids[u, rank], new_wacts[u, rank] = ids, w_acts
+        all_act = torch.cat([self.top_act[feats], new_act], dim=1)  # [U, 2k]
+        keep = all_act.topk(k, dim=1).indices  # [U, k], sorted: the last column stays the k-th best
+        self.top_act[feats] = all_act.gather(1, keep)
+        self.top_row[feats] = torch.cat([self.top_row[feats], new_row], dim=1).gather(1, keep)
+        self.top_pos[feats] = torch.cat([self.top_pos[feats], new_pos], dim=1).gather(1, keep)
+        keep_w = keep[..., None].expand(-1, -1, W)
+        self.window_ids[feats] = torch.cat([self.window_ids[feats], new_ids], dim=1).gather(1, keep_w)
+        self.window_acts[feats] = torch.cat([self.window_acts[feats], new_wacts], dim=1).gather(1, keep_w)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The statistics as named tensors (what `features.safetensors` holds)."""
@@ -77,19 +121,6 @@ class FeatureStats:
             "top_act": self.top_act, "top_row": self.top_row, "top_pos": self.top_pos,
             "window_ids": self.window_ids, "window_acts": self.window_acts,
         }  # fmt: skip
-
-
-def place_latents(sae: SAE, code: Code, used: torch.Tensor) -> torch.Tensor:
-    """Latents z [N, T, F] on the CPU with the code of B tokens at the B True positions of `used` [N, T]
-    and zeros elsewhere (the layout `FeatureStats.update` takes)."""
-    z = torch.zeros(*used.shape, sae.d_sae)
-    z[used.cpu()] = sae.dense(code).float().cpu()
-    return z
-
-
-def dense_latents(sae: SAE, acts: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Latents z [N, T, F] for activations [N, T, D], zero at masked positions."""
-    return place_latents(sae, sae.encode(acts[mask.to(acts.device)].float()), mask)
 
 
 @torch.no_grad()

@@ -109,7 +109,7 @@ def held_out_pass(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConfi
             n += len(x)
             text_tokens += int(batch.mask.sum())
             if stats is not None:
-                stats.update(an.place_latents(sae, code, used), batch)
+                stats.update(code, used, batch)
             bar.update(len(x))
     total_var = sum_x2 - sum_x.pow(2).sum().item() / n  # sum ||x - mean||^2
     return {

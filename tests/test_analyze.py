@@ -1,4 +1,5 @@
-"""Streaming per-feature statistics against brute force, planted top contexts, and the saved analysis."""
+"""Streaming per-feature statistics from the sparse code against brute force over the dense latents, planted top
+contexts, and the saved analysis."""
 
 import json
 
@@ -7,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from sae import harvest
-from sae.analyze import FeatureStats, dense_latents, logit_lens, save_analysis, token_strings
+from sae.analyze import FeatureStats, logit_lens, save_analysis, token_strings
 from sae.config import AnalyzeConfig, DataConfig
 from sae.data import Contexts, packed_contexts
 from sae.harvest import tiny_model
-from sae.model import SAE
+from sae.model import SAE, Code, sparse
 
 N, T, F = 3, 10, 4
 BEFORE, AFTER = 3, 2
@@ -39,6 +40,11 @@ def make_latents(batch: Contexts, b: int, g: torch.Generator) -> torch.Tensor:
     return z
 
 
+def update(stats: FeatureStats, z: torch.Tensor, batch: Contexts) -> None:
+    """Folds dense latents z [N, T, F] of the text tokens (zero elsewhere) in as a sparse code."""
+    stats.update(sparse(z[batch.mask]), batch.mask, batch)
+
+
 @pytest.fixture(scope="module")
 def stream():
     g = torch.Generator().manual_seed(0)
@@ -50,7 +56,7 @@ def stream():
 def stats(stream) -> FeatureStats:
     stats = FeatureStats(F, CFG)
     for z, batch in stream:
-        stats.update(z, batch)
+        update(stats, z, batch)
     return stats
 
 
@@ -94,7 +100,7 @@ def test_windows_at_the_context_edges():
     stats = FeatureStats(F, CFG)
     for b in range(3):
         batch = make_batch(b, g)
-        stats.update(make_latents(batch, b, g), batch)
+        update(stats, make_latents(batch, b, g), batch)
     assert stats.window_ids[0, 0, :2].tolist() == [-1, -1]  # t = 1: two positions before the context
     assert stats.window_ids[0, 0, 2] == 0  # then the BOS, with no activation
     assert stats.window_acts[0, 0, :3].tolist() == [0.0, 0.0, 0.0]
@@ -132,13 +138,97 @@ def test_fewer_tokens_than_top_k_and_dead_features():
     stats = FeatureStats(2, cfg)
     ids = torch.tensor([[0, 7]])
     batch = Contexts(ids=ids, row=torch.tensor([[-1, 4]]), pos=torch.tensor([[-1, 0]]), mask=ids > 1)
-    stats.update(torch.tensor([[[0.0, 0.0], [2.0, 0.0]]]), batch)
-    stats.update(torch.tensor([[[0.0, 0.0], [3.0, 0.0]]]), batch)
+    update(stats, torch.tensor([[[0.0, 0.0], [2.0, 0.0]]]), batch)
+    update(stats, torch.tensor([[[0.0, 0.0], [3.0, 0.0]]]), batch)
     assert stats.top_act[0].tolist() == [3.0, 2.0, 0.0, 0.0, 0.0]
     assert stats.top_act[1].tolist() == [0.0] * 5  # a dead feature has only empty slots
+    assert stats.top_row[0].tolist() == [4, 4, -1, -1, -1] and (stats.top_row[1] == -1).all()
     assert stats.window_ids[0, 0].tolist() == [0, 7, -1]
     assert stats.tensors()["density"].tolist() == [1.0, 0.0]
     assert stats.tensors()["mean_act"].tolist() == [2.5, 0.0]
+
+
+# --- the sparse update against a dense reference ---------------------------------------------------------
+
+
+def random_code(
+    used: torch.Tensor, b: int, g: torch.Generator, f_: int, k_: int
+) -> tuple[Code, torch.Tensor]:
+    """A code of the B used tokens: k_ distinct latents each, drawn mostly from a few frequent ones, some of
+    them zero (padding, whose index may repeat a live latent of the token), acts on a coarse grid (exact ties)
+    growing with b for even latents (later batches replace the top-k) and shrinking for odd ones. Returns
+    (code, the dense z [N, T, F] it stands for)."""
+    B = int(used.sum())
+    weights = torch.ones(f_)
+    weights[:3] = 20.0  # frequent latents: their top-k fills in the first batch and turns over later
+    idx = torch.multinomial(weights.expand(B, -1), k_, generator=g)  # [B, K] distinct per token
+    grid = torch.randint(1, 9, (B, k_), generator=g) / 8  # ties
+    growth = torch.where(idx % 2 == 0, 1.0 + 0.5 * b, 1.0 / (1 + b))
+    acts = grid * growth * (torch.rand(B, k_, generator=g) < 0.7)  # [B, K], zeros are padding
+    pad = acts == 0
+    idx = torch.where(pad & (torch.rand(B, k_, generator=g) < 0.5), idx[:, -1:], idx)  # repeat a latent
+    z = torch.zeros(*used.shape, f_)
+    live = acts > 0
+    rows = torch.arange(B)[:, None].expand_as(idx)[live]
+    z_used = torch.zeros(B, f_)
+    z_used[rows, idx[live]] = acts[live]
+    z[used] = z_used
+    return Code(acts, idx), z
+
+
+def check_against_reference(stats: FeatureStats, stream, f_: int, top_k: int) -> None:
+    """Each latent's kept examples are the top_k strongest of brute force (ties broken either way), each with
+    the window of its own (row, pos); empty slots are empty."""
+    for f in range(f_):
+        expected = brute_force(stream, f)
+        by_token = {(row, pos): (act, ids, acts) for act, row, pos, ids, acts in expected}
+        n_kept = min(top_k, len(expected))
+        assert stats.top_act[f].tolist() == sorted(stats.top_act[f].tolist(), reverse=True)
+        assert stats.top_act[f, :n_kept].tolist() == [e[0] for e in expected[:n_kept]]
+        kept = list(zip(stats.top_row[f, :n_kept].tolist(), stats.top_pos[f, :n_kept].tolist()))
+        assert len(set(kept)) == n_kept
+        for j, token in enumerate(kept):
+            act, ids, acts = by_token[token]
+            assert act == stats.top_act[f, j].item()
+            assert stats.window_ids[f, j].tolist() == ids
+            assert stats.window_acts[f, j].tolist() == acts
+        assert (stats.top_act[f, n_kept:] == 0).all() and (stats.top_row[f, n_kept:] == -1).all()
+        assert (stats.top_pos[f, n_kept:] == -1).all() and (stats.window_ids[f, n_kept:] == -1).all()
+        assert (stats.window_acts[f, n_kept:] == 0).all()
+
+
+def test_sparse_update_equals_dense_reference_batch_by_batch():
+    g = torch.Generator().manual_seed(1)
+    f_, k_, top_k = 12, 5, 4
+    stats = FeatureStats(f_, AnalyzeConfig(top_k=top_k, window_before=BEFORE, window_after=AFTER))
+    stream, edges = [], 0
+    for b in range(6):
+        batch = make_batch(b, g)
+        used = batch.mask & (torch.rand(N, T, generator=g) > 0.1)  # some text tokens dropped as outliers
+        code, z = random_code(used, b, g, f_, k_)
+        stats.update(code, used, batch)
+        stream.append((z, batch))
+        check_against_reference(stats, stream, f_, top_k)
+        edges += int((z[:, 1] > 0).sum() + (z[:, T - 1] > 0).sum())
+    assert edges > 0  # windows clipped at both ends were exercised
+    assert (stats.top_act > 0).all()  # every top-k filled up
+    dense = torch.stack([z for z, _ in stream])  # [batches, N, T, F]
+    count = (dense > 0).sum(dim=(0, 1, 2)).float()
+    s = stats.tensors()
+    assert stats.tokens == sum(int(batch.mask.sum()) for _, batch in stream)
+    torch.testing.assert_close(s["density"], count / stats.tokens)
+    torch.testing.assert_close(s["max_act"], dense.amax(dim=(0, 1, 2)))
+    torch.testing.assert_close(s["mean_act"], dense.sum(dim=(0, 1, 2)) / count)
+
+
+def test_update_with_no_live_latents_and_a_code_that_does_not_fit_used():
+    batch = make_batch(0, torch.Generator().manual_seed(2))
+    stats = FeatureStats(F, CFG)
+    B = int(batch.mask.sum())
+    stats.update(Code(torch.zeros(B, 2), torch.zeros(B, 2, dtype=torch.long)), batch.mask, batch)
+    assert stats.tokens == B and (stats.count == 0).all() and (stats.top_row == -1).all()
+    with pytest.raises(ValueError, match=f"holds {B - 1} tokens but `used` marks {B} positions"):
+        stats.update(Code(torch.ones(B - 1, 2), torch.zeros(B - 1, 2, dtype=torch.long)), batch.mask, batch)
 
 
 # --- saving ---------------------------------------------------------------------------------------------
@@ -157,7 +247,7 @@ def text_stats(tokenizer):
     c = text.index("cat") + 1  # +1 for the BOS
     z[0, c, 0], z[0, c + 1, 0], z[0, 1, 0] = 3.0, 0.5, 1.0
     stats = FeatureStats(2, AnalyzeConfig(top_k=3, window_before=3, window_after=2))
-    stats.update(z, Contexts(ids=ids, row=row, pos=pos, mask=mask))
+    update(stats, z, Contexts(ids=ids, row=row, pos=pos, mask=mask))
     return stats, c
 
 
@@ -225,17 +315,6 @@ def test_logit_lens_equals_brute_force():
     assert top.shape == (40, 6) and (top[:, -1] >= bottom[:, -1]).all()
 
 
-def test_dense_latents_zero_at_masked_positions():
-    sae = SAE(16, 64, 4)
-    acts = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
-    mask = torch.tensor([[False, True, True, True, False], [False, True, False, True, True]])
-    z = dense_latents(sae, acts, mask)
-    assert z.shape == (2, 5, 64)
-    assert (z[~mask] == 0).all()
-    torch.testing.assert_close(z[mask], sae.dense(sae.encode(acts[mask])))
-    assert ((z[mask] > 0).sum(dim=1) <= 4).all()
-
-
 def test_stats_on_the_tiny_model_point_back_into_the_text(tiny, sentences):
     model, tokenizer = tiny
     rows = [{"text": s} for s in sentences]
@@ -243,9 +322,7 @@ def test_stats_on_the_tiny_model_point_back_into_the_text(tiny, sentences):
     stats = FeatureStats(32, AnalyzeConfig(top_k=4, window_before=4, window_after=2))
     contexts = packed_contexts(DataConfig(context_size=24), tokenizer, "test", 2, rows=rows)
     for x, batch, used in harvest.activations(model, "model.layers.2", contexts):
-        z = torch.zeros(*used.shape, sae.d_sae)
-        z[used] = sae.dense(sae.encode(x))
-        stats.update(z, batch)
+        stats.update(sae.encode(x), used, batch)
     live = stats.top_act > 0
     assert live.sum() > 20
     for f, j in live.nonzero().tolist():
