@@ -173,7 +173,7 @@ class _TopKEncode(torch.autograd.Function):
     def backward(ctx, grad, _):
         xc, W_enc, idx, acts = ctx.saved_tensors
         grad = grad * (acts > 0)  # the ReLU
-        d_W_enc = _sparse_t_mm(idx, grad, xc, W_enc.shape[1]).T  # [D, F]
+        d_W_enc = _sparse_t_mm(idx, grad, xc, W_enc.shape[1]).T  # [D, F], contiguous as its transpose
         d_b_enc = torch.zeros(W_enc.shape[1], device=grad.device).index_add_(0, idx.flatten(), grad.flatten())
         return None, d_W_enc, d_b_enc, -(W_enc @ d_b_enc), None, None, None, None, None
 
@@ -231,8 +231,10 @@ class SAE(nn.Module):
         # Anthropic's April 2024 update starts the unconstrained decoder's rows at norm 0.1.
         W_dec *= (0.1 if arch == "relu" else 1.0) / W_dec.norm(dim=1, keepdim=True)
         self.W_dec = nn.Parameter(W_dec)  # [F, D]
-        # Encoder starts as the decoder's transpose (Gao et al. 2024, sec. 2.4): fewer dead latents.
-        self.W_enc = nn.Parameter(W_dec.T.clone())  # [D, F]
+        # Encoder starts as the decoder's transpose (Gao et al. 2024, sec. 2.4): fewer dead latents. It is held
+        # as [F, D], row i latent i's encoder direction, and used as its transpose W_enc [D, F]: the sparse
+        # backward makes its gradient in that layout, and the fused optimizer needs a contiguous one.
+        self.encoder = nn.Parameter(W_dec.clone())  # [F, D]
         self.b_enc = nn.Parameter(torch.zeros(d_sae))  # [F]
         self.b_dec = nn.Parameter(torch.zeros(d_in))  # [D]
         if arch == "jumprelu":
@@ -242,6 +244,11 @@ class SAE(nn.Module):
         if arch in ("batchtopk", "matryoshka"):
             # Inference threshold: running mean of the smallest activation BatchTopK kept (Bussmann 2024).
             self.register_buffer("threshold", torch.zeros(()))
+
+    @property
+    def W_enc(self) -> torch.Tensor:
+        """[D, F] encoder matrix (a view of `encoder` [F, D])."""
+        return self.encoder.T
 
     # --- inference ---
 
@@ -405,7 +412,9 @@ class SAE(nn.Module):
         """Writes `sae.safetensors` and `cfg.json` (plus `extra` keys) into directory `path`, atomically."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_tensors(path / WEIGHTS, {k: v.float() for k, v in self.state_dict().items()})
+        tensors = {k: v.float() for k, v in self.state_dict().items()}
+        tensors["W_enc"] = tensors.pop("encoder").T.contiguous()  # files hold W_enc [D, F]
+        save_tensors(path / WEIGHTS, tensors)
         write_json(path / CONFIG, self.config() | (extra or {}))
 
     @classmethod
@@ -420,7 +429,9 @@ class SAE(nn.Module):
         cfg = json.loads((path / CONFIG).read_text())
         sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], arch=cfg.get("arch", "topk"),
                   prefixes=tuple(cfg.get("prefixes", ())), bandwidth=cfg.get("bandwidth", 0.001))  # fmt: skip
-        sae.load_state_dict(load_file(str(path / WEIGHTS)))
+        tensors = load_file(str(path / WEIGHTS))
+        tensors["encoder"] = tensors.pop("W_enc").T
+        sae.load_state_dict(tensors)
         return sae.to(device)
 
 

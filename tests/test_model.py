@@ -258,7 +258,7 @@ def test_a_latent_chosen_twice_gets_both_gradients():
     va, ia = pre.masked_fill(~is_dead, -1e9).topk(min(D // 2, len(dead)), dim=1)
     e_hat = torch.zeros_like(pre).scatter(1, ia, va.clamp_min(0)) @ ref.W_dec
     (fvu(x, x_hat) + fvu((x - x_hat).detach(), e_hat)).backward()
-    torch.testing.assert_close(sae.W_enc.grad, ref.W_enc.grad)
+    torch.testing.assert_close(sae.encoder.grad, ref.encoder.grad)
     torch.testing.assert_close(sae.b_enc.grad, ref.b_enc.grad)
 
 

@@ -199,7 +199,7 @@ def test_auxk_loss_trains_only_dead_latents():
     loss.backward()
     rows_with_grad = set(sae.W_dec.grad.abs().sum(dim=1).nonzero().flatten().tolist())
     assert rows_with_grad and rows_with_grad <= {5, 9, 30}
-    assert set(sae.W_enc.grad.abs().sum(dim=0).nonzero().flatten().tolist()) <= {5, 9, 30}
+    assert set(sae.encoder.grad.abs().sum(dim=1).nonzero().flatten().tolist()) <= {5, 9, 30}
 
 
 def test_checkpoint_dir_holds_weights_optimizer_and_state(tmp_path):
