@@ -56,20 +56,28 @@ def spliced_losses(
     mask: torch.Tensor,
     module: str,
     replacements: dict[str, Callable[[torch.Tensor], torch.Tensor]],
+    chunk_elements: int = 2**25,
 ) -> dict[str, float]:
     """Summed next-token CE of the clean model and of each replacement, and each one's summed KL from the
     clean next-token distribution, on contexts ids [N, T]; `targets` is the number of scored positions.
 
-    Keys: `ce_clean`, `ce_<name>`, `kl_<name>` for each replacement name, `targets`.
+    Keys: `ce_clean`, `ce_<name>`, `kl_<name>` for each replacement name, `targets`. Runs `chunk_elements`
+    logits (about 128 MiB in fp32) at a time, whatever the number of contexts.
     """
-    clean = _logits(model, ids, mask)  # [M, V] at scored positions
-    targets = ids[:, 1:].to(model.device)[mask[:, 1:].to(model.device)]
-    clean_logp = clean.log_softmax(dim=-1)
-    out = {"ce_clean": F.nll_loss(clean_logp, targets, reduction="sum").item(), "targets": len(targets)}
-    for name, fn in replacements.items():
-        logp = _logits(model, ids, mask, module, fn).log_softmax(dim=-1)
-        out[f"ce_{name}"] = F.nll_loss(logp, targets, reduction="sum").item()
-        out[f"kl_{name}"] = F.kl_div(logp, clean_logp, log_target=True, reduction="sum").item()
+    per_context = ids.shape[1] * model.config.get_text_config().vocab_size
+    out: dict[str, float] = {}
+    for part, part_mask in zip(
+        ids.split(max(1, chunk_elements // per_context)), mask.split(max(1, chunk_elements // per_context))
+    ):
+        clean_logp = _logits(model, part, part_mask).log_softmax(dim=-1)  # [M, V] at scored positions
+        targets = part[:, 1:].to(model.device)[part_mask[:, 1:].to(model.device)]
+        sums = {"ce_clean": F.nll_loss(clean_logp, targets, reduction="sum").item(), "targets": len(targets)}
+        for name, fn in replacements.items():
+            logp = _logits(model, part, part_mask, module, fn).log_softmax(dim=-1)
+            sums[f"ce_{name}"] = F.nll_loss(logp, targets, reduction="sum").item()
+            sums[f"kl_{name}"] = F.kl_div(logp, clean_logp, log_target=True, reduction="sum").item()
+        for key, value in sums.items():
+            out[key] = out.get(key, 0) + value
     return out
 
 

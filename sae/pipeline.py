@@ -247,13 +247,14 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
                         device=device, evaluate=evaluate)  # fmt: skip
         finally:
             ahead.close()  # stops the producer before this thread runs the model
+        trained = {f"{k}_harvest_train": v for k, v in peak_memory().items()}  # before evaluation's own peak
         stats = an.FeatureStats(sae.d_sae, cfg.analyze) if cfg.do_analyze else None
         tokens = max(cfg.eval.tokens, cfg.analyze.tokens if cfg.do_analyze else 0)
         metrics = held_out_pass(sae, model, tokenizer, module, cfg.model, cfg.data, tokens, stats)
         if cfg.eval.loss_contexts:
             metrics |= loss_recovered(lambda x: sae(x.to(device)).x_hat, model, tokenizer, module, cfg.model,
                                       cfg.data, cfg.eval.loss_contexts)  # fmt: skip
-        metrics |= peak_memory()
+        metrics |= trained | peak_memory()
         metrics["wall_seconds"] = round(time.time() - start, 1)
         run.summary.update({f"eval/{k}": v for k, v in metrics.items()})
         meta = {"model": cfg.model.name, "hook": module, "d_in": d_in}
@@ -328,9 +329,10 @@ def run_training(cfg: TrainJob) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    peak = peak_memory()
-    print(f"peak memory: host {peak['peak_rss_gb']:.2f} GiB RSS"
-          + (f", cuda {peak['peak_cuda_gb']:.2f} GiB" if "peak_cuda_gb" in peak else ""))  # fmt: skip
+    first = results[variants[0].name]
+    print(f"peak memory of harvest + training: host {first['peak_rss_gb_harvest_train']:.2f} GiB RSS"
+          + (f", cuda {first['peak_cuda_gb_harvest_train']:.2f} GiB" if "peak_cuda_gb_harvest_train" in first else "")
+          + f"; of the whole run: host {peak_memory()['peak_rss_gb']:.2f} GiB")  # fmt: skip
     return results[variants[0].name] if len(variants) == 1 else results
 
 

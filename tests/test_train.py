@@ -295,6 +295,19 @@ def test_spliced_losses_kl_is_zero_for_identity_and_positive_for_zero_ablation(t
     assert out["kl_zero"] > 0.01 * n
 
 
+def test_spliced_losses_in_chunks_of_contexts_equal_one_pass(tiny, sentences):
+    model, tokenizer = tiny
+    rows = [{"text": s} for s in sentences]
+    batch = next(packed_contexts(DataConfig(context_size=32), tokenizer, "train", 5, rows=rows))
+    replacements = {"zero": torch.zeros_like}
+    whole = spliced_losses(model, batch.ids, batch.mask, "model.layers.1", replacements)
+    per_context = 32 * model.config.vocab_size
+    chunked = spliced_losses(model, batch.ids, batch.mask, "model.layers.1", replacements, 2 * per_context)
+    assert chunked["targets"] == whole["targets"]
+    for key in ("ce_clean", "ce_zero", "kl_zero"):
+        assert chunked[key] == pytest.approx(whole[key], rel=1e-5)
+
+
 def test_in_training_evaluation_logs_density_histograms_and_receives_raw_units():
     seen, logged = [], {}
 
