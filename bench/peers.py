@@ -51,6 +51,20 @@ def available() -> dict[str, str | None]:
     return found
 
 
+def installed_trainers(names: str) -> dict[str, Callable[..., Trained]]:
+    """{"<peer> <version>": its train function} for the comma-separated peer names that are installed
+    ("none": no peer); says which are skipped."""
+    wanted = [] if names == "none" else names.split(",")
+    found = available()
+    trainers = {}
+    for name in wanted:
+        if found.get(name) is None:
+            print(f"{name}: not installed (pip install -e .[bench]); skipped")
+            continue
+        trainers[f"{name} {found[name]}"] = {"sae-lens": train_saelens, "sparsify": train_sparsify}[name]
+    return trainers
+
+
 def _steps(x: torch.Tensor, tokens: int, batch_size: int) -> int:
     """Optimizer steps for a budget of `tokens`, as `sae.train.train` counts them (full batches only)."""
     if x.ndim != 2 or x.dtype != torch.float32:

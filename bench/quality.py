@@ -115,22 +115,15 @@ def main() -> None:
         trainers[f"ours {arch}"] = lambda arch=arch: ours(
             arch, x_train, d_sae, args.k, args.tokens, args.batch_size, args.seed
         )
-    wanted = [] if args.peers == "none" else args.peers.split(",")
-    if wanted:
-        import peers
+    import peers  # bench/peers.py
 
-        installed = peers.available()
-        for name in wanted:
-            if installed.get(name) is None:
-                print(f"{name}: not installed (pip install -e .[bench]); skipped")
-                continue
-            fit = {"sae-lens": peers.train_saelens, "sparsify": peers.train_sparsify}[name]
+    for label, fit in peers.installed_trainers(args.peers).items():
 
-            def run(fit=fit):
-                trained = fit(x_train, d_sae, args.k, args.tokens, args.batch_size, args.seed)
-                return trained.reconstruct, trained.train_seconds
+        def run(fit=fit):
+            trained = fit(x_train, d_sae, args.k, args.tokens, args.batch_size, args.seed)
+            return trained.reconstruct, trained.train_seconds
 
-            trainers[f"{name} {installed[name]}"] = run
+        trainers[label] = run
 
     results = {}
     for name, fit in trainers.items():

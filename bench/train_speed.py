@@ -90,21 +90,13 @@ def main() -> None:
         )
         speed[name] = tokens / seconds
         print(f"{name}: {speed[name]:,.0f} tok/s", flush=True)
-    wanted = [] if args.peers == "none" else args.peers.split(",")
-    if wanted:
-        import peers
+    import peers  # bench/peers.py
 
-        installed = peers.available()
-        for name in wanted:
-            if installed.get(name) is None:
-                print(f"{name}: not installed (pip install -e .[bench]); skipped")
-                continue
-            fit = {"sae-lens": peers.train_saelens, "sparsify": peers.train_sparsify}[name]
-            torch.manual_seed(args.seed)
-            trained = fit(x_train, F, args.k, tokens, B, args.seed)
-            label = f"{name} {installed[name]}"
-            speed[label] = tokens / trained.train_seconds
-            print(f"{label}: {speed[label]:,.0f} tok/s", flush=True)
+    for label, fit in peers.installed_trainers(args.peers).items():
+        torch.manual_seed(args.seed)
+        trained = fit(x_train, F, args.k, tokens, B, args.seed)
+        speed[label] = tokens / trained.train_seconds
+        print(f"{label}: {speed[label]:,.0f} tok/s", flush=True)
 
     ours_name = next(iter(speed))
     print("\n| trainer | tokens/s | ours / this |")

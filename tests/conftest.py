@@ -1,9 +1,14 @@
-"""Shared fixtures: the tiny random Llama with its byte-level tokenizer, and a few English sentences."""
+"""Shared fixtures: the tiny random Llama with its byte-level tokenizer, a few English sentences, and a
+slice of the real Wikipedia sample as a local corpus."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from sae.config import ModelConfig
+from sae.data import wikipedia_sample
 from sae.harvest import load_model
 
 SENTENCES = [
@@ -61,3 +66,12 @@ def sentences() -> list[str]:
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A slice of the real Wikipedia sample as a local JSON-lines file."""
+    rows = [json.loads(line) for line in wikipedia_sample().read_text().splitlines()[:40]]
+    path = tmp_path_factory.mktemp("corpus") / "wiki.jsonl"
+    path.write_text("".join(json.dumps({"text": r["text"][:3000]}) + "\n" for r in rows))
+    return path

@@ -10,7 +10,7 @@ from sae import harvest
 from sae import pipeline as pl
 from sae.cache import ActivationCache, write_cache
 from sae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
-from sae.data import packed_contexts, wikipedia_sample
+from sae.data import packed_contexts
 from sae.files import save_tensors, write_json
 from sae.model import SAE
 
@@ -246,14 +246,6 @@ def test_batches_are_deterministic_given_the_generator(tmp_path):
 
 
 # --- the pipeline ---------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    rows = [json.loads(line) for line in wikipedia_sample().read_text().splitlines()[:40]]
-    path = tmp_path_factory.mktemp("corpus") / "wiki.jsonl"
-    path.write_text("".join(json.dumps({"text": r["text"][:3000]}) + "\n" for r in rows))
-    return path
 
 
 def _job(tmp_path: Path, corpus: Path, run: str, **train) -> TrainJob:

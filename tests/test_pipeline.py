@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from sae.config import ARCHS, DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
-from sae.data import wikipedia_sample
 from sae.model import SAE
 from sae.pipeline import run_training
 
@@ -19,15 +18,6 @@ TINY = [
     "eval.tokens=2048", "eval.loss_contexts=4", "analyze.tokens=2048", "data.context_size=64", "sae.k=8",
     "sae.expansion_factor=2", "model.batch_size=4",
 ]  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    """A slice of the real Wikipedia sample as a local JSON-lines file."""
-    rows = [json.loads(line) for line in wikipedia_sample().read_text().splitlines()[:40]]
-    path = tmp_path_factory.mktemp("corpus") / "wiki.jsonl"
-    path.write_text("".join(json.dumps({"text": r["text"][:3000]}) + "\n" for r in rows))
-    return path
 
 
 def _run(script: str, *overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
