@@ -275,10 +275,16 @@ class AnalyzeJob:
     """Everything `analyze.py` needs: a finished run directory and the analysis settings."""
 
     run_dir: str = "runs/default"
-    """Run directory holding sae.safetensors and cfg.json."""
+    """Run directory holding sae.safetensors and cfg.json; with `sae_dir`, where the analysis is written."""
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     data_path: str | None = None
     """Analyse the held-out rows of this corpus instead of the run's own (same column and packing)."""
+    sae_dir: str | None = None
+    """A SAELens SAE directory (cfg.json + sae_weights.safetensors) to analyse instead of run_dir's SAE, on
+    `model` at the SAE's hook (blocks.L.hook_resid_post is resid.L) and context size, over `data_path` or the
+    offline corpus."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """With `sae_dir`: the model the SAE reads (`model.name=gpt2`); `model.module` overrides the SAE's hook."""
 
 
 T = TypeVar("T")

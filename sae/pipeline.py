@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae import analyze as an
-from sae import dashboard, harvest
+from sae import dashboard, formats, harvest
 from sae.cache import write_cache
 from sae.config import AnalyzeJob, DataConfig, ModelConfig, SAEConfig, TrainJob, from_dict, sae_variants
 from sae.data import Contexts, packed_contexts
@@ -267,6 +267,7 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
                 stats, out_dir, tokenizer, meta | {"arch": sae.arch, "d_sae": sae.d_sae, "k": sae.k}, lens
             )
             dashboard.render_dashboard(dashboard.load_analysis(out_dir), out_dir / "dashboard.html")
+        formats.log_artifacts(run, out_dir)  # W&B copies the files now, before out_dir is renamed
     finally:
         run.finish()
     return metrics
@@ -337,15 +338,28 @@ def run_training(cfg: TrainJob) -> dict:
 
 
 def run_analysis(job: AnalyzeJob) -> Path:
-    """Re-analyzes a finished run directory (with its recorded model, hook and corpus) into a dashboard."""
+    """Re-analyzes a finished run directory (with its recorded model, hook and corpus), or a SAELens SAE
+    (`job.sae_dir`, on `job.model`) into `job.run_dir`, into a dashboard."""
     run_dir = Path(job.run_dir)
-    if not (run_dir / "run.json").exists():
+    if job.sae_dir:
+        imported, meta = formats.from_saelens(job.sae_dir)
+        hook = job.model.module or formats.module_for_hook(meta["hook_name"], meta["hf_hook_name"])
+        context = meta["context_size"] or DataConfig.context_size
+        data = DataConfig(path=job.data_path or DataConfig.path, context_size=context)
+        cfg = TrainJob(model=dataclasses.replace(job.model, module=hook), data=data)
+    elif not (run_dir / "run.json").exists():
         raise FileNotFoundError(f"run_dir={job.run_dir!r} holds no run.json: is it a finished training run?")
-    cfg = from_dict(TrainJob, json.loads((run_dir / "run.json").read_text()))
+    else:
+        cfg = from_dict(TrainJob, json.loads((run_dir / "run.json").read_text()))
     data = dataclasses.replace(cfg.data, path=job.data_path) if job.data_path else cfg.data
     model, tokenizer = harvest.load_model(cfg.model)
     module = harvest.resolve_module(model, cfg.model)
-    sae = SAE.load(run_dir, device=harvest.resolve_device(cfg.model.device)).eval()
+    device = harvest.resolve_device(cfg.model.device)
+    sae = (imported.to(device) if job.sae_dir else SAE.load(run_dir, device=device)).eval()
+    width = harvest.capture(model, [module], torch.zeros(1, 1, dtype=torch.long))[module].shape[-1]
+    if job.sae_dir and width != sae.d_in:
+        raise ValueError(f"the SAE in {job.sae_dir} reads d_in={sae.d_in}, but {module} of model.name="
+                         f"{cfg.model.name!r} has width {width}; its cfg.json names model {meta['model_name']!r}")  # fmt: skip
     stats = an.FeatureStats(sae.d_sae, job.analyze)
     held_out_pass(sae, model, tokenizer, module, cfg.model, data, job.analyze.tokens, stats)
     lens = an.logit_lens(sae, model, job.analyze.logit_k)
