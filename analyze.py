@@ -1,10 +1,11 @@
-"""Analyze a trained SAE's features on held-out text and write the dashboard.
+"""Analyze a trained SAE's features on held-out text and write the dashboard site.
 
     python analyze.py run_dir=runs/demo
     python analyze.py run_dir=runs/demo analyze.tokens=200000 analyze.top_k=20
     python analyze.py run_dir=runs/demo data_path=other.jsonl      # held-out rows of another corpus
 
-Writes <run_dir>/analysis/features.{safetensors,json} and <run_dir>/dashboard.html.
+Writes <run_dir>/analysis/features.{safetensors,json} and the dashboard site <run_dir>/dashboard/: open its
+index.html in a browser, or serve it with `python -m sae.site <run_dir> --serve`.
 """
 
 import hydra

@@ -8,7 +8,7 @@
     python train.py wandb.mode=online                  # offline (default), online or disabled
 
 Writes `run_dir` (default runs/<model>-<layer>-<arch>-k<k>-x<expansion>): sae.safetensors, cfg.json,
-run.json, metrics.json, checkpoint/, wandb/, analysis/ and dashboard.html.
+run.json, metrics.json, checkpoint/, wandb/, analysis/ and dashboard/ (open dashboard/index.html).
 """
 
 import json
@@ -28,7 +28,7 @@ def main(cfg) -> None:
     print(json.dumps(metrics, indent=2))
     print(f"run directory: {job.run_dir}")
     if job.do_analyze:
-        print(f"dashboard: {job.run_dir}/dashboard.html")
+        print(f"dashboard: {job.run_dir}/dashboard/index.html")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae import analyze as an
-from sae import dashboard, formats, harvest
+from sae import formats, harvest, site
 from sae.cache import write_cache
 from sae.config import AnalyzeJob, DataConfig, ModelConfig, SAEConfig, TrainJob, from_dict, sae_variants
 from sae.data import Contexts, packed_contexts
@@ -266,7 +266,7 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
             an.save_analysis(
                 stats, out_dir, tokenizer, meta | {"arch": sae.arch, "d_sae": sae.d_sae, "k": sae.k}, lens
             )
-            dashboard.render_dashboard(dashboard.load_analysis(out_dir), out_dir / "dashboard.html")
+            site.build_site(out_dir)
         formats.log_artifacts(run, out_dir)  # W&B copies the files now, before out_dir is renamed
     finally:
         run.finish()
@@ -366,4 +366,4 @@ def run_analysis(job: AnalyzeJob) -> Path:
     meta = {"model": cfg.model.name, "hook": module, "d_in": sae.d_in, "arch": sae.arch, "d_sae": sae.d_sae,
             "k": sae.k}  # fmt: skip
     an.save_analysis(stats, run_dir, tokenizer, meta, lens)
-    return dashboard.render_dashboard(dashboard.load_analysis(run_dir), run_dir / "dashboard.html")
+    return site.build_site(run_dir)

@@ -1,15 +1,20 @@
-"""The dashboard: loading, safe embedding of hostile tokens, the HTML of a feature, and the notebook."""
+"""The dashboard: loading, the notebook's HTML of a feature, and the site (sae.site): its files and links,
+escaping of hostile tokens, the optional analysis fields, atomic builds and the CLI."""
 
 import html
 import json
 import re
-import shutil
 import subprocess
+import sys
+import urllib.request
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
-from sae.dashboard import feature_html, load_analysis, render_dashboard, top_features
+import sae.site
+from sae.dashboard import feature_html, load_analysis, top_features
+from sae.site import write_site
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = ["The", " cat", "</script>", "<b>", " & co", "\n", '  "x"']
@@ -101,54 +106,204 @@ def test_feature_html_dead_feature():
     assert "dead" in fragment and "no examples" in fragment and not _token_spans(fragment)
 
 
-def test_render_dashboard_embeds_json_safely(tmp_path: Path):
-    out = tmp_path / "site" / "dashboard.html"
-    assert render_dashboard(_analysis(), out) == out
-    page = out.read_text(encoding="utf-8")
-    block = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S)
-    assert block is not None
-    assert not re.search(r"[<>&]", block.group(1))
-    assert json.loads(block.group(1)) == _analysis()
-    # Only the two real script blocks close; no leftover temp file from the atomic write.
-    assert page.count("</script>") == 2
-    assert [p.name for p in out.parent.iterdir()] == ["dashboard.html"]
+def _with_extras() -> dict:
+    """`_analysis()` with the optional fields on feature 0 only: a histogram, interval samples, neighbours."""
+    analysis = _analysis()
+    f = analysis["features"][0]
+    f["histogram"] = {"edges": [0.25 * i for i in range(21)], "counts": [900 // (i + 1) for i in range(20)]}
+    band = {
+        "act": 1.0,
+        "row": 9,
+        "pos": 5,
+        "tokens": ["x", "<img src=x onerror=alert(1)>"],
+        "acts": [0, 1.0],
+        "center": 1,
+    }
+    f["intervals"] = [{"lo": 0.0, "hi": 2.5, "count": 41, "examples": [band]},
+                      {"lo": 2.5, "hi": 5.0, "count": 3, "examples": []}]  # fmt: skip
+    f["nearest"] = [[2, 0.61], [1, -0.2], [99, 0.1]]  # 99: not in the analysis, shown without a link
+    analysis["intervals"] = [[0.0, 0.5], [0.5, 1.0]]
+    return analysis
 
 
-def test_render_dashboard_is_self_contained_and_overwrites(tmp_path: Path):
-    out = tmp_path / "dashboard.html"
-    out.write_text("old")
-    page = render_dashboard(_analysis(), out).read_text(encoding="utf-8")
-    assert page.startswith("<!doctype html>")
-    assert not re.search(r"https?://|<link|\bsrc=", page)
-    assert "tiny &lt;model&gt;" in page and "model.layers.1" in page and "d_sae 3" in page
-    assert "1 dead" in page
-    assert not re.search(r"__[A-Z]+__", page)
+class _Parsed(HTMLParser):
+    """The tags, links and text of a page, as a browser's parser sees them."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tags: list[str] = []
+        self.links: list[str] = []
+        self.inline_scripts = 0
+        self.text: list[str] = []
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        attrs = dict(attrs)
+        self.links += [attrs[k] for k in ("href", "src") if attrs.get(k)]
+        self.inline_scripts += tag == "script" and "src" not in attrs
+
+    def handle_data(self, data):
+        self.text.append(data)
 
 
-# Runs the page's script under node with a stub DOM, then prints what featureHtml gives for every feature.
-_NODE_STUB = r"""
-const page = require("fs").readFileSync(process.argv[1], "utf8");
-const [, data] = page.match(/<script type="application\/json" id="data">([\s\S]*?)<\/script>/);
-const [, code] = page.match(/<script>([\s\S]*?)<\/script>/);
-const els = {};
-const el = id => els[id] ??= {value: id === "sort" ? "max_act" : "", textContent: id === "data" ? data : "",
-                               addEventListener() {}};
-global.document = {getElementById: el, querySelectorAll: () => [], querySelector: () => null,
-                   addEventListener() {}};
-global.history = {replaceState() {}};
-global.location = {hash: ""};
-eval(code + ";console.log(JSON.stringify([el('detail').innerHTML, F.map(featureHtml)]))");
-"""
+def _index_data(site: Path) -> dict:
+    text = (site / "index-data.js").read_text(encoding="utf-8")
+    assert text.startswith("window.SAE_INDEX = ") and text.endswith(";\n")
+    return json.loads(text[len("window.SAE_INDEX = ") : -2])
 
 
-@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
-def test_page_script_renders_what_feature_html_renders(tmp_path: Path):
-    page = render_dashboard(_analysis(), tmp_path / "dashboard.html")
-    run = subprocess.run(["node", "-e", _NODE_STUB, str(page)], capture_output=True, text=True, timeout=60)
-    assert run.returncode == 0, run.stderr
-    detail, rendered = json.loads(run.stdout)
-    assert rendered == [feature_html(f) for f in _analysis()["features"]]
-    assert detail == feature_html(_analysis()["features"][2])  # the live feature with the highest max act
+def test_site_has_an_index_and_one_page_per_feature(tmp_path: Path):
+    index = write_site(_with_extras(), tmp_path / "dashboard")
+    site = index.parent
+    assert index == site / "index.html"
+    assert sorted(p.name for p in site.iterdir()) == [
+        "features",
+        "index-data.js",
+        "index.html",
+        "site.css",
+        "site.js",
+    ]
+    assert sorted(p.name for p in (site / "features").iterdir()) == ["0.html", "1.html", "2.html"]
+    assert [p.name for p in tmp_path.iterdir()] == ["dashboard"]  # no temporary directory left
+    # Every link and script of every page resolves to a file of the site; nothing is fetched from the network.
+    pages = [index, *(site / "features").iterdir()]
+    for page in pages:
+        parsed = _Parsed(page.read_text(encoding="utf-8"))
+        assert parsed.inline_scripts == 0, page
+        for link in parsed.links:
+            assert not re.match(r"[a-z]+:", link), (page, link)
+            assert (page.parent / link.split("#")[0]).resolve().is_file(), (page, link)
+    # The list's rows link to features/<id>.html (built in site.js): one row per page.
+    rows = _index_data(site)["features"]
+    assert [row[0] for row in rows] == [0, 1, 2]
+    assert "features/${f.id}.html" in (site / "site.js").read_text()
+
+
+def test_index_header_and_data(tmp_path: Path):
+    site = write_site(_with_extras(), tmp_path / "dashboard").parent
+    header = "".join(_Parsed((site / "index.html").read_text(encoding="utf-8")).text)
+    assert "tiny <model>" in header and "hook model.layers.1" in header and "d_sae 3" in header
+    assert "100 tokens" in header and "1 dead (33.3%)" in header
+    live, dead, strong = _index_data(site)["features"]
+    # [id, density, max_act, mean_act, top tokens, promoted, snippet tokens, snippet acts %, center, histogram]
+    assert live[:6] == [0, 0.012, 5.0, 2.0, ["</script>", "a"], ["<i>", " Paris"]]
+    assert live[6] == [
+        "The",
+        " cat",
+        "</script>",
+        "<b>",
+        " & co",
+    ]  # up to 6 tokens before the center, 2 after
+    assert live[7:9] == [[0, 20, 100, 50, 0], 2]
+    assert live[9] == _with_extras()["features"][0]["histogram"]["counts"]
+    assert dead == [1, 0.0, 0.0, 0.0, [], [], [], [], -1, None]
+    assert strong[4:6] == [["'s"], []] and strong[9] is None
+
+
+def test_feature_page_escapes_tokens_and_shows_every_section(tmp_path: Path):
+    site = write_site(_with_extras(), tmp_path / "dashboard").parent
+    page = (site / "features" / "0.html").read_text(encoding="utf-8")
+    parsed = _Parsed(page)
+    # Hostile tokens arrive as text: no element the analysis did not ask for, the text intact.
+    assert {"b", "i", "img"}.isdisjoint(parsed.tags) and parsed.tags.count("script") == 1
+    text = "".join(parsed.text)
+    for token in [
+        "</script>",
+        "<b>",
+        " & co",
+        '  "x"',
+        "<i>",
+        "<img src=x onerror=alert(1)>",
+        "tiny <model>",
+    ]:
+        assert token in text
+    line = re.findall(r'<td class="t">(.*?)</td>', page)[0]
+    assert html.unescape(re.sub(r"<[^>]*>", "", line)) == 'The cat</script><b> & co↵  "x"'
+    # The tokens it fires on are spans, the activating one boxed; the rest is plain text.
+    spans = re.findall(r"<span([^>]*)>([^<]*)</span>", line)
+    assert spans == [
+        (' style="--a:0.20" title="act 1.00"', " cat"),
+        (' class="c" style="--a:1.00" title="act 5.00"', "&lt;/script&gt;"),
+        (' style="--a:0.50" title="act 2.50"', "&lt;b&gt;"),
+    ]
+    assert "row 3 · pos 40" in text and "row 7 · pos 2" in text
+    assert "Feature 0" in text and "density 1.2% (log10 -1.92)" in text and "max act 5.00" in text
+    assert "promotes" in text and "+1.25" in text and "suppresses" in text and "-0.75" in text
+    assert page.count("<rect ") == 20 and "3,234 activations" in text
+    assert "act 0.00 – 2.50" in text and "41 tokens" in text and "act 2.50 – 5.00" in text
+    assert text.count("no examples") == 1  # the empty band
+    assert '<a href="2.html">#2</a>' in page and '<a href="1.html">#1</a>' in page and "#99" in text
+    assert 'href="99.html"' not in page and "cos 0.61" in text and "cos -0.20" in text
+    assert 'rel="next" href="1.html"' in page and 'rel="prev"' not in page
+
+
+def test_feature_pages_without_the_optional_fields(tmp_path: Path):
+    site = write_site(_analysis(), tmp_path / "dashboard").parent
+    strong = (site / "features" / "2.html").read_text(encoding="utf-8")
+    for section in ("histogram", "band", "Nearest", "Logit lens"):
+        assert section not in strong
+    assert 'rel="prev" href="1.html"' in strong and 'rel="next"' not in strong
+    dead = (site / "features" / "1.html").read_text(encoding="utf-8")
+    assert '<body class="feature dead">' in dead and "dead (never fired)" in dead and "no examples" in dead
+
+
+def test_failed_build_keeps_the_old_site_and_leaves_no_temporary(tmp_path: Path, monkeypatch):
+    index = write_site(_analysis(), tmp_path / "dashboard")
+    before = index.read_text()
+    calls = []
+
+    def fail_on_the_second_page(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return "<p>page</p>"
+
+    monkeypatch.setattr(sae.site, "_feature_page", fail_on_the_second_page)
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_site(_with_extras(), tmp_path / "dashboard")
+    assert [p.name for p in tmp_path.iterdir()] == ["dashboard"]
+    assert index.read_text() == before and len(list((tmp_path / "dashboard" / "features").iterdir())) == 3
+    monkeypatch.undo()
+    write_site(_with_extras(), tmp_path / "dashboard")  # a rebuild replaces the whole site
+    assert "Nearest features" in (tmp_path / "dashboard" / "features" / "0.html").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["dashboard"]
+
+
+def _site_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sae.site", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+
+
+def test_cli_builds_when_needed_and_serves_on_localhost(run_dir: Path):
+    first = _site_cli(str(run_dir))
+    assert first.returncode == 0, first.stderr
+    index = run_dir / "dashboard" / "index.html"
+    assert (
+        first.stdout.strip() == f"dashboard: {index}"
+        and (run_dir / "dashboard" / "features" / "2.html").is_file()
+    )
+    again = _site_cli(str(run_dir))
+    assert again.returncode == 0 and "newer than the analysis" in again.stdout
+    assert _site_cli(str(run_dir), "--rebuild").stdout.strip() == f"dashboard: {index}"
+
+    server = subprocess.Popen([sys.executable, "-m", "sae.site", str(run_dir), "--serve", "0"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()  # dashboard: ...
+        url = re.search(r"serving (http://127\.0\.0\.1:\d+/)", server.stdout.readline())
+        assert url is not None
+        with urllib.request.urlopen(url.group(1) + "features/0.html", timeout=10) as response:
+            assert "Feature 0" in response.read().decode()
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_cli_without_an_analysis_says_what_to_run(tmp_path: Path):
+    proc = _site_cli(str(tmp_path))
+    assert proc.returncode == 1 and "analyze.py run_dir=" in proc.stderr
 
 
 def test_notebook_runs(run_dir: Path, monkeypatch: pytest.MonkeyPatch):
@@ -164,4 +319,3 @@ def test_notebook_runs(run_dir: Path, monkeypatch: pytest.MonkeyPatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("Feature 2" in o.get("data", {}).get("text/html", "") for o in outputs)
-    assert (run_dir / "analysis" / "dashboard.html").is_file()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,7 @@ def test_cli_writes_a_complete_run_directory(tiny_run):
         "metrics.json",
         "checkpoint",
         "analysis",
-        "dashboard.html",
+        "dashboard",
     } <= names
     assert not tiny_run.with_name("tiny.tmp").exists()
     metrics = json.loads((tiny_run / "metrics.json").read_text())
@@ -60,16 +61,17 @@ def test_cli_writes_a_complete_run_directory(tiny_run):
     assert len(analysis["features"]) == 128
     example = next(f for f in analysis["features"] if f["examples"])["examples"][0]
     assert example["acts"][example["center"]] == pytest.approx(example["act"], rel=1e-2)
-    assert "application/json" in (tiny_run / "dashboard.html").read_text()
+    pages = {p.name for p in (tiny_run / "dashboard" / "features").iterdir()}
+    assert pages == {f"{i}.html" for i in range(128)} and (tiny_run / "dashboard" / "index-data.js").is_file()
 
 
 def test_analyze_cli_rewrites_the_dashboard(tiny_run):
-    (tiny_run / "dashboard.html").unlink()
+    shutil.rmtree(tiny_run / "dashboard")
     proc = _run("analyze.py", f"run_dir={tiny_run}", "analyze.top_k=3")
-    assert "dashboard:" in proc.stdout
+    assert f"dashboard: {tiny_run / 'dashboard' / 'index.html'}" in proc.stdout
     analysis = json.loads((tiny_run / "analysis" / "features.json").read_text())
     assert max(len(f["examples"]) for f in analysis["features"]) == 3
-    assert (tiny_run / "dashboard.html").exists()
+    assert (tiny_run / "dashboard" / "features" / "127.html").exists()
 
 
 def test_notebook_runs_against_a_real_run(tiny_run):
@@ -120,10 +122,10 @@ def test_every_architecture_trains_saves_reloads_and_analyses_from_the_cli(every
     assert sae.arch == arch
     # Each run directory is a complete run: analysable alone, with its own config and W&B run.
     assert json.loads((run / "run.json").read_text())["sae"]["arch"] == arch
-    assert (run / "dashboard.html").exists() and list((run / "wandb").glob("offline-run-*"))
-    (run / "dashboard.html").unlink()
+    assert (run / "dashboard" / "index.html").exists() and list((run / "wandb").glob("offline-run-*"))
+    shutil.rmtree(run / "dashboard")
     _run("analyze.py", f"run_dir={run}")
-    assert f"{arch} SAE, d_sae 128" in (run / "dashboard.html").read_text()
+    assert f"{arch} SAE, d_sae 128" in (run / "dashboard" / "index.html").read_text()
 
 
 def test_several_saes_share_one_harvest_across_two_hooks(every_arch_run):
