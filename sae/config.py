@@ -211,11 +211,22 @@ class AnalyzeConfig:
     """Context tokens shown after it."""
     logit_k: int = 8
     """Tokens listed as promoted / suppressed through the unembedding."""
+    intervals: int = 10
+    """Equal-width bands of (0, max act] from which examples are sampled across the activation range."""
+    per_interval: int = 4
+    """Examples sampled uniformly at random per band."""
+    nearest: int = 8
+    """Features listed as nearest by decoder cosine."""
+    seed: int = 0
+    """Seed of the random keys that sample the band examples."""
 
     def __post_init__(self) -> None:
         _check(self.tokens > 0, f"analyze.tokens={self.tokens} must be > 0")
         _check(self.top_k > 0, f"analyze.top_k={self.top_k} must be > 0")
         _check(min(self.window_before, self.window_after) >= 0, "analyze.window_before/after must be >= 0")
+        _check(self.intervals > 0, f"analyze.intervals={self.intervals} must be > 0")
+        _check(self.per_interval > 0, f"analyze.per_interval={self.per_interval} must be > 0")
+        _check(self.nearest > 0, f"analyze.nearest={self.nearest} must be > 0")
 
 
 @dataclass
