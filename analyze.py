@@ -3,6 +3,7 @@
     python analyze.py run_dir=runs/demo
     python analyze.py run_dir=runs/demo analyze.tokens=200000 analyze.top_k=20
     python analyze.py run_dir=runs/demo data_path=other.jsonl      # held-out rows of another corpus
+    python analyze.py run_dir=runs/gpt2-l8 sae_dir=path/to/saelens-sae model.name=gpt2   # a SAELens SAE
 
 Writes <run_dir>/analysis/features.{safetensors,json} and the dashboard site <run_dir>/dashboard/: open its
 index.html in a browser, or serve it with `python -m sae.site <run_dir> --serve`.

@@ -1,6 +1,7 @@
 """sae: find the features a language model computes, with sparse autoencoders.
 
-harvest (sae.harvest, sae.data) -> train (sae.train, sae.model) -> analyze (sae.analyze, sae.dashboard).
+harvest (sae.harvest, sae.data, sae.cache) -> train (sae.train, sae.model) -> analyze (sae.analyze, sae.site,
+sae.dashboard, sae.explore); sae.formats exports to SAELens and Neuronpedia.
 """
 
 from sae.model import SAE, Code, ForwardOutput

@@ -380,7 +380,7 @@ def to_neuronpedia(run_dir: str | Path, out_path: str | Path, model_id: str | No
 
 def log_artifacts(run, run_dir: str | Path) -> list:
     """Logs the run directory to W&B `run` as two artifacts: the SAE (`sae.safetensors`, `cfg.json`,
-    `metrics.json`; type `model`) and its dashboard (`dashboard/` or `dashboard.html`, plus `analysis/`; type
+    `metrics.json`; type `model`) and its dashboard (`dashboard/` and `analysis/`; type
     `dashboard`), each only with the files that exist. Files are copied when added, so `run_dir` may move after.
     Offline runs keep them (in W&B's staging directory) for `wandb sync`. Returns the artifacts logged."""
     import wandb
@@ -396,8 +396,6 @@ def log_artifacts(run, run_dir: str | Path) -> list:
             model.add_file(str(run_dir / file), name=file)
     if (run_dir / "dashboard").is_dir():
         dash.add_dir(str(run_dir / "dashboard"), name="dashboard")
-    elif (run_dir / "dashboard.html").is_file():
-        dash.add_file(str(run_dir / "dashboard.html"), name="dashboard.html")
     if (run_dir / "analysis").is_dir():
         dash.add_dir(str(run_dir / "analysis"), name="analysis")
     logged = [a for a in (model, dash) if a.manifest.entries]

@@ -23,7 +23,16 @@ from tqdm.auto import tqdm
 from sae import analyze as an
 from sae import formats, harvest, site
 from sae.cache import write_cache
-from sae.config import AnalyzeJob, DataConfig, ModelConfig, SAEConfig, TrainJob, from_dict, sae_variants
+from sae.config import (
+    AnalyzeConfig,
+    AnalyzeJob,
+    DataConfig,
+    ModelConfig,
+    SAEConfig,
+    TrainJob,
+    from_dict,
+    sae_variants,
+)
 from sae.data import Contexts, packed_contexts
 from sae.files import write_json
 from sae.metrics import dead_fraction, firing_counts, spliced_losses
@@ -262,11 +271,7 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
         write_json(out_dir / "run.json", dataclasses.asdict(job))
         write_json(out_dir / "metrics.json", metrics)
         if stats is not None:
-            lens = an.logit_lens(sae, model, cfg.analyze.logit_k)
-            an.save_analysis(
-                stats, out_dir, tokenizer, meta | {"arch": sae.arch, "d_sae": sae.d_sae, "k": sae.k}, lens
-            )
-            site.build_site(out_dir)
+            write_analysis(stats, sae, model, tokenizer, cfg.analyze, out_dir, meta)
         formats.log_artifacts(run, out_dir)  # W&B copies the files now, before out_dir is renamed
     finally:
         run.finish()
@@ -330,9 +335,9 @@ def run_training(cfg: TrainJob) -> dict:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    first = results[variants[0].name]
-    print(f"peak memory of harvest + training: host {first['peak_rss_gb_harvest_train']:.2f} GiB RSS"
-          + (f", cuda {first['peak_cuda_gb_harvest_train']:.2f} GiB" if "peak_cuda_gb_harvest_train" in first else "")
+    peak = results[variants[0].name]
+    print(f"peak memory of harvest + training: host {peak['peak_rss_gb_harvest_train']:.2f} GiB RSS"
+          + (f", cuda {peak['peak_cuda_gb_harvest_train']:.2f} GiB" if "peak_cuda_gb_harvest_train" in peak else "")
           + f"; of the whole run: host {peak_memory()['peak_rss_gb']:.2f} GiB")  # fmt: skip
     return results[variants[0].name] if len(variants) == 1 else results
 
@@ -353,7 +358,11 @@ def run_analysis(job: AnalyzeJob) -> Path:
         cfg = from_dict(TrainJob, json.loads((run_dir / "run.json").read_text()))
     data = dataclasses.replace(cfg.data, path=job.data_path) if job.data_path else cfg.data
     model, tokenizer = harvest.load_model(cfg.model)
-    module = harvest.resolve_module(model, cfg.model)
+    # One SAE of several from one harvest may read another module than the job's default (`saes` hook).
+    sub_run = not job.sae_dir and cfg.sae.hook
+    module = harvest.resolve_module(
+        model, dataclasses.replace(cfg.model, module=cfg.sae.hook) if sub_run else cfg.model
+    )
     device = harvest.resolve_device(cfg.model.device)
     sae = (imported.to(device) if job.sae_dir else SAE.load(run_dir, device=device)).eval()
     width = harvest.capture(model, [module], torch.zeros(1, 1, dtype=torch.long))[module].shape[-1]
@@ -362,8 +371,16 @@ def run_analysis(job: AnalyzeJob) -> Path:
                          f"{cfg.model.name!r} has width {width}; its cfg.json names model {meta['model_name']!r}")  # fmt: skip
     stats = an.FeatureStats(sae.d_sae, job.analyze)
     held_out_pass(sae, model, tokenizer, module, cfg.model, data, job.analyze.tokens, stats)
-    lens = an.logit_lens(sae, model, job.analyze.logit_k)
-    meta = {"model": cfg.model.name, "hook": module, "d_in": sae.d_in, "arch": sae.arch, "d_sae": sae.d_sae,
-            "k": sae.k}  # fmt: skip
-    an.save_analysis(stats, run_dir, tokenizer, meta, lens)
+    meta = {"model": cfg.model.name, "hook": module, "d_in": sae.d_in}
+    return write_analysis(stats, sae, model, tokenizer, job.analyze, run_dir, meta)
+
+
+def write_analysis(stats: an.FeatureStats, sae: SAE, model, tokenizer, cfg: AnalyzeConfig, run_dir: Path,
+                   meta: dict) -> Path:  # fmt: skip
+    """Adds the logit lens and nearest features to the statistics of a finished pass, writes `analysis/`
+    and builds the dashboard site; returns the site's directory."""
+    lens = an.logit_lens(sae, model, cfg.logit_k)
+    nearest = an.nearest_features(sae, cfg.nearest)
+    meta = meta | {"arch": sae.arch, "d_sae": sae.d_sae, "k": sae.k}
+    an.save_analysis(stats, run_dir, tokenizer, meta, lens, nearest)
     return site.build_site(run_dir)

@@ -345,7 +345,6 @@ def test_log_artifacts_logs_the_sae_and_the_dashboard(tmp_path, wandb_offline):
     (run_dir / "metrics.json").write_text("{}")
     (run_dir / "dashboard").mkdir()
     (run_dir / "dashboard" / "index.html").write_text("<html>")
-    (run_dir / "dashboard.html").write_text("<html>")  # the site wins over the single page
     _features_json(run_dir)
     run = wandb_offline.init(mode="offline", project="sae", name="tiny", dir=str(tmp_path))
     logged = []

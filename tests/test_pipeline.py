@@ -137,6 +137,11 @@ def test_several_saes_share_one_harvest_across_two_hooks(every_arch_run):
         json.loads((every_arch_run / "topk-k8-x2-resid.1" / "cfg.json").read_text())["hook"]
         == "model.layers.1"
     )
+    # Re-analysing the block-1 SAE reads block 1, not the job's default block.
+    sub_run = every_arch_run / "topk-k8-x2-resid.1"
+    _run("analyze.py", f"run_dir={sub_run}")
+    meta = json.loads((sub_run / "analysis" / "features.json").read_text())
+    assert meta["hook"] == "model.layers.1" and len(meta["features"][0]["nearest"]) == 8
     summary = json.loads((every_arch_run / "metrics.json").read_text())
     assert set(summary) == set(dirs)
     # Console lines every log_every steps, and the in-training evaluation every eval_every steps.
