@@ -37,7 +37,7 @@ from sae.data import Contexts, packed_contexts
 from sae.files import write_json
 from sae.metrics import dead_fraction, firing_counts, spliced_losses
 from sae.model import SAE
-from sae.train import train
+from sae.train import TrainingDiverged, train
 
 
 def _check_width(sae: SAEConfig, d_in: int) -> None:
@@ -332,6 +332,17 @@ def run_training(cfg: TrainJob) -> dict:
         _replace_dir(tmp, final)
         for offline in sorted(final.glob("**/wandb/offline-run-*")):
             print(f"W&B offline run: upload it with `wandb sync {offline}`")
+    except TrainingDiverged as e:
+        if e.checkpoint is None or not e.checkpoint.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        # The run is lost, its last good checkpoint is not: it moves out before the rest is removed.
+        kept = final.with_name(final.name + ".last-good-checkpoint") / e.checkpoint.parent.relative_to(tmp)
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(e.checkpoint, kept)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingDiverged(str(e).replace(str(e.checkpoint), str(kept)), kept) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

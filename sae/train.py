@@ -38,6 +38,15 @@ Logger = Callable[[dict, int], None]
 Evaluate = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict]
 
 
+class TrainingDiverged(FloatingPointError):
+    """The loss or the weights stopped being finite. `checkpoint`: the directory holding the last checkpoint
+    written before that (all of whose weights were finite), or None."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
 def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     """The dtype of the SAE's large matmuls for `train.precision` (`auto`: bf16 where the hardware runs it
     natively, as for the model)."""
@@ -179,14 +188,31 @@ def train(
     tokens = done = since_log = since_eval = 0
     clock = time.perf_counter()
     sae.train()
-    dead = (
-        (since_fired >= cfg.dead_tokens).nonzero().flatten()
-    )  # indices of the dead latents, refreshed at every log step
+    dead = (since_fired >= cfg.dead_tokens).nonzero().flatten()  # the dead latents, refreshed at log steps
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # a loss was NaN/inf since the last check
+    checked = 0  # the last step known finite
+    saved: int | None = None  # the step of the last checkpoint written
+
+    def check(step: int) -> None:
+        """Raises TrainingDiverged if a loss since the last check, or a weight now, is not finite."""
+        nonlocal checked
+        if bool(nonfinite) or not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
+            where = (f"the last good checkpoint (step {saved}) is in {checkpoint_dir}" if saved is not None
+                     else "no checkpoint was written before it")  # fmt: skip
+            raise TrainingDiverged(
+                f"training diverged: the loss or the weights became NaN or infinite between steps {checked} "
+                f"and {step}; {where}. Lower train.lr, or look for NaN/inf in the activations "
+                "(model.dtype=float32 rules out bf16 overflow).",
+                checkpoint_dir if saved is not None else None,
+            )
+        checked = step
+
     for step, x in bar:
         with autocast:
             out = step_fn(x, dead, coef * min(1.0, (step + 1) / warm), cfg.auxk_coef, sae_cfg.multi_topk)
         loss = torch.stack(list(out.losses.values())).sum()
         opt.zero_grad(set_to_none=True)
+        nonfinite.logical_or_(~torch.isfinite(loss))
         loss.backward()
         if sae.unit_decoder:
             sae.remove_parallel_grad()
@@ -206,6 +232,7 @@ def train(
         done = step + 1
         # Everything above runs without waiting for the device; the host reads values back only here.
         if step % cfg.log_every == 0 or step == steps - 1:
+            check(step)
             now = time.perf_counter()
             metrics = {f"train/{k}": v.item() for k, v in out.losses.items()}
             metrics |= {
@@ -236,10 +263,13 @@ def train(
             eval_window.zero_()
             since_eval = 0
         if checkpoint_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            check(step)  # a checkpoint is only ever written from finite weights
             save_checkpoint(
                 sae, opt, {"step": step + 1, "tokens": tokens, "input_scale": scale}, checkpoint_dir
             )
+            saved = step + 1
     bar.close()
+    check(done - 1)
     if checkpoint_dir is not None:
         save_checkpoint(sae, opt, {"step": done, "tokens": tokens, "input_scale": scale}, checkpoint_dir)
     sae.eval()

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from sae import harvest
 from sae.config import ARCHS, DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
 from sae.model import SAE
 from sae.pipeline import run_training
+from sae.train import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -207,3 +209,20 @@ def test_hub_code_path_loads_a_model_directory(tmp_path, corpus):
     metrics = run_training(_job(tmp_path, corpus, model={"name": str(tmp_path / "model")}))
     assert metrics["l0"] == pytest.approx(8, abs=0.01)
     assert json.loads((tmp_path / "run" / "cfg.json").read_text())["model"] == str(tmp_path / "model")
+
+
+def test_a_diverged_run_keeps_only_its_last_good_checkpoint(tmp_path, corpus, monkeypatch):
+    epochs = harvest.epochs
+
+    def poisoned(*args, **kwargs):  # batch 6 of the training stream is NaN
+        for i, x in enumerate(epochs(*args, **kwargs)):
+            yield x.fill_(float("nan")) if i == 6 else x
+
+    monkeypatch.setattr(harvest, "epochs", poisoned)
+    job = _job(tmp_path, corpus, train={"checkpoint_every": 4, "log_every": 100})
+    with pytest.raises(TrainingDiverged, match="last-good-checkpoint") as caught:
+        run_training(job)
+    kept = tmp_path / "run.last-good-checkpoint"
+    assert caught.value.checkpoint == kept and str(kept) in str(caught.value)
+    assert json.loads((kept / "state.json").read_text())["step"] == 4
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.tmp").exists()

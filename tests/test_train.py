@@ -19,7 +19,7 @@ from sae.metrics import (
     spliced_losses,
 )
 from sae.model import SAE
-from sae.train import default_lr, geometric_median, lr_factor, train
+from sae.train import TrainingDiverged, default_lr, geometric_median, lr_factor, train
 
 D, B = 16, 256
 
@@ -391,3 +391,29 @@ def test_bf16_training_reaches_the_fp32_quality():
     x = next(sparse_data(seed=5))
     with torch.no_grad():
         assert fvu(x, mixed(x).x_hat).item() == pytest.approx(fvu(x, exact(x).x_hat).item(), rel=0.1)
+
+
+def _poisoned(at: int, value: float = float("nan")):
+    """sparse_data() batches with `value` in batch `at`."""
+    for i, x in enumerate(sparse_data()):
+        yield x.fill_(value) if i == at else x
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, value):
+    # Batch 25 is poisoned; checkpoints every 10 steps; the check at log step 30 stops the run.
+    cfg = TrainConfig(tokens=60 * B, batch_size=B, warmup_steps=5, log_every=10, checkpoint_every=10,
+                      dead_tokens=10**9)  # fmt: skip
+    with pytest.raises(TrainingDiverged, match=r"between steps 20 and 29.*step 20\) is in") as caught:
+        train(SAEConfig(expansion_factor=4, k=4), cfg, _poisoned(25, value), checkpoint_dir=tmp_path / "ckpt")
+    assert caught.value.checkpoint == tmp_path / "ckpt"
+    state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert state["step"] == 20
+    weights = load_file(str(tmp_path / "ckpt" / "sae.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_divergence_before_any_checkpoint_says_so():
+    with pytest.raises(TrainingDiverged, match="no checkpoint was written") as caught:
+        run(20, data=_poisoned(3), log_every=5)
+    assert caught.value.checkpoint is None
