@@ -99,6 +99,26 @@ def test_multirun_sweep_trains_one_run_per_value(corpus, tmp_path):
         assert json.loads((tmp_path / f"k{k}" / "cfg.json").read_text())["k"] == k
 
 
+def test_sweep_through_the_submitit_launcher(corpus, tmp_path):
+    # The SLURM launcher's code path, with submitit's local executor in place of a cluster: each run of the
+    # sweep is a separate submitted job.
+    _run("train.py", "-m", "hydra/launcher=submitit_local", *TINY, f"data.path={corpus}", "sae.k=4,8",
+         f"run_dir={tmp_path}/k${{sae.k}}", "wandb.mode=disabled", "do_analyze=false", "eval.loss_contexts=0",
+         f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)  # fmt: skip
+    for k in (4, 8):
+        assert json.loads((tmp_path / f"k{k}" / "cfg.json").read_text())["k"] == k
+    assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 2
+
+
+def test_slurm_launcher_config_composes():
+    proc = _run("train.py", "hydra/launcher=slurm", "hydra.launcher.partition=gpu", "--cfg", "hydra")
+    assert (
+        "SlurmLauncher" in proc.stdout
+        and "partition: gpu" in proc.stdout
+        and "gpus_per_node: 1" in proc.stdout
+    )
+
+
 @pytest.fixture(scope="module")
 def every_arch_run(corpus, tmp_path_factory) -> tuple[Path, str]:
     """One harvest of two hooks, six SAEs: every architecture on block 2 and a TopK on block 1."""
