@@ -106,15 +106,34 @@ def load_rows(cfg: DataConfig):
                 f"accepted: one of {sorted(_BUILDERS)}"
             )
         builder = _BUILDERS[suffixes.pop()]
+        empty = [f for f in files if os.path.getsize(f) == 0]
+        if len(empty) == len(files):
+            raise ValueError(f"data.path={cfg.path!r}: {empty[:3]} {'is' if len(empty) == 1 else 'are'} empty "
+                             f"(0 bytes); give files holding text rows")  # fmt: skip
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-        ds = datasets.load_dataset(
-            builder, data_files=files, split="train", streaming=cfg.streaming, **kwargs
-        )
+        try:
+            ds = datasets.load_dataset(
+                builder, data_files=files, split="train", streaming=cfg.streaming, **kwargs
+            )
+        except (StopIteration, ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            # (StopIteration: `datasets` found no rows to infer a schema from; caught here, as it would
+            # otherwise surface from the calling generator as a bare RuntimeError.)
+            raise ValueError(
+                f"data.path={cfg.path!r}: cannot read {files[:3]} as {builder} rows, is a file truncated, "
+                f"corrupt or not {builder}? ({type(err).__name__}: {err})"
+            ) from None
     elif os.path.isdir(path) or not looks_local:
-        ds = datasets.load_dataset(path, cfg.name, split=cfg.split, streaming=cfg.streaming)
+        try:
+            ds = datasets.load_dataset(path, cfg.name, split=cfg.split, streaming=cfg.streaming)
+        except datasets.data_files.EmptyDatasetError:
+            raise FileNotFoundError(
+                f"data.path={cfg.path!r} is a directory holding no data files; accepted: a dataset directory "
+                f"with files ending one of {sorted(_BUILDERS)}, a file, a glob, a hub dataset id, or "
+                f"{WIKIPEDIA_SAMPLE!r}"
+            ) from None
     else:
         raise FileNotFoundError(
-            f"data.path={cfg.path!r}: no such file or directory; give an existing file, glob or directory, "
+            f"data.path={cfg.path!r}: no such file or directory{' (a broken symbolic link)' * os.path.islink(path)}; give an existing file, glob or directory, "
             f"a hub dataset id, or {WIKIPEDIA_SAMPLE!r}"
         )
     columns = ds.column_names
@@ -158,6 +177,22 @@ class Contexts:
     """True where the token is real text (not a special token): the positions to train on and analyse."""
 
 
+def _read(rows, cfg: DataConfig) -> Iterator[dict]:
+    """`rows`, with a read error met mid-stream (a truncated or corrupt file) naming `data.path`."""
+    it = iter(rows)
+    while True:
+        try:
+            r = next(it)
+        except StopIteration:
+            return
+        except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+            raise ValueError(
+                f"data.path={cfg.path!r}: cannot read its rows, is a file truncated or corrupt? "
+                f"({type(err).__name__}: {err})"
+            ) from None
+        yield r
+
+
 def packed_contexts(cfg: DataConfig, tokenizer, split: str, batch_size: int, rows=None) -> Iterator[Contexts]:
     """Yields batches of `batch_size` packed contexts from the `split` ('train' or 'test') rows.
 
@@ -175,11 +210,11 @@ def packed_contexts(cfg: DataConfig, tokenizer, split: str, batch_size: int, row
     row: list[int] = []
     pos: list[int] = []
     batch: list[tuple[list[int], list[int], list[int]]] = []
-    n_rows = n_batches = 0
+    n_rows = n_text = n_batches = 0
 
     def texts() -> Iterator[tuple[int, str]]:
-        nonlocal n_rows
-        for i, r in enumerate(rows):
+        nonlocal n_rows, n_text
+        for i, r in enumerate(_read(rows, cfg)):
             n_rows += 1
             if ((i % n) == n - 1) != want_test:
                 continue
@@ -194,6 +229,7 @@ def packed_contexts(cfg: DataConfig, tokenizer, split: str, batch_size: int, row
                     f"(row {i}: {text!r:.60}), not text"
                 )
             if text.strip():
+                n_text += 1
                 yield i, text
 
     for i, text in texts():
@@ -212,5 +248,5 @@ def packed_contexts(cfg: DataConfig, tokenizer, split: str, batch_size: int, row
     if n_batches == 0:
         raise ValueError(
             f"data.path={cfg.path!r} gave fewer than one batch of {batch_size} contexts x {T} tokens for the "
-            f"{split!r} split ({n_rows} rows read); use more text or a smaller batch/context size"
+            f"{split!r} split ({n_rows} rows read, {n_text} of them with text); use more text or a smaller batch/context size"
         )

@@ -120,6 +120,12 @@ class Explorer:
         hook = read_config(run_dir).get("hook") if (run_dir / "cfg.json").is_file() else None
         module = harvest.resolve_module(model, dataclasses.replace(job.model, module=hook or job.sae.hook))
         sae = SAE.load(run_dir, device=harvest.resolve_device(job.model.device)).eval()
+        width = harvest.capture(model, [module], torch.zeros(1, 1, dtype=torch.long))[module].shape[-1]
+        if width != sae.d_in:
+            raise ValueError(
+                f"the SAE in {run_dir} reads d_in={sae.d_in}, but {module} of model.name={job.model.name!r} "
+                f"has width {width}: load the SAE with the model and module it was trained on"
+            )
         return cls(run_dir, job, sae, model, tokenizer, module, load_analysis(run_dir), load_metrics(run_dir))
 
     def feature(self, i: int) -> dict:

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 
 def atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -37,3 +38,29 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
     """Writes named tensors as safetensors to `path` atomically."""
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     return atomic(path, lambda tmp: save_file(cpu, str(tmp)))
+
+
+def load_tensors(path: str | Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:
+    """The named tensors of safetensors file `path`; a missing, truncated or corrupt file raises an error
+    naming it (`what` says what the file is, e.g. "SAE weights file")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist or is not a file")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{what} {path} is truncated or corrupt ({err})") from None
+
+
+def read_json(path: str | Path, what: str = "JSON file") -> dict:
+    """The JSON object in `path`; a missing, truncated or malformed file raises an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist or is not a file")
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} {path} is truncated or corrupt: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {path} holds a JSON {type(value).__name__}, not an object")
+    return value

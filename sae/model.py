@@ -29,18 +29,16 @@ CSR by one sort of the B*K indices) times a dense [B, D] one, so backward costs 
 idea of Gao et al. 2024's sparse kernels, sec. 2.4 and appendix D, here with PyTorch's CSR products).
 """
 
-import json
 import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from sae.config import ARCHS
-from sae.files import save_tensors, write_json
+from sae.files import load_tensors, read_json, save_tensors, write_json
 from sae.metrics import fvu
 
 WEIGHTS, CONFIG = "sae.safetensors", "cfg.json"
@@ -419,22 +417,58 @@ class SAE(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
-        """Loads an SAE saved with `save` from directory `path`."""
+        """Loads an SAE saved with `save` from directory `path`. A missing, truncated or corrupt file, a
+        cfg.json key that is missing or bad, or a tensor whose shape disagrees with cfg.json raises an error
+        naming the file (and the key or tensor)."""
         path = Path(path)
         for name in (WEIGHTS, CONFIG):
             if not (path / name).exists():
                 raise FileNotFoundError(
                     f"{path / name} does not exist: is {str(path)!r} an SAE run directory?"
                 )
-        cfg = json.loads((path / CONFIG).read_text())
-        sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], arch=cfg.get("arch", "topk"),
-                  prefixes=tuple(cfg.get("prefixes", ())), bandwidth=cfg.get("bandwidth", 0.001))  # fmt: skip
-        tensors = load_file(str(path / WEIGHTS))
+        cfg = read_config(path)
+        try:
+            sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], arch=cfg.get("arch", "topk"),
+                      prefixes=tuple(cfg.get("prefixes", ())), bandwidth=cfg.get("bandwidth", 0.001))  # fmt: skip
+        except ValueError as err:
+            raise ValueError(f"SAE config {path / CONFIG} is invalid: {err}") from None
+        tensors = load_tensors(path / WEIGHTS, "SAE weights file")
+        expected = {k: list(v.shape) for k, v in sae.state_dict().items()}
+        expected["W_enc"] = expected.pop("encoder")[::-1]  # files hold W_enc [D, F]
+        shapes = {k: list(v.shape) for k, v in tensors.items()}
+        for key in sorted(expected.keys() | shapes.keys()):
+            if key not in shapes:
+                raise ValueError(
+                    f"SAE weights file {path / WEIGHTS} lacks tensor {key!r} (expected shape {expected[key]} for "
+                    f"arch={sae.arch!r}); it holds {sorted(shapes)}"
+                )
+            if key not in expected:
+                raise ValueError(
+                    f"SAE weights file {path / WEIGHTS} holds tensor {key!r}, which an arch={sae.arch!r} SAE "
+                    f"does not have; expected {sorted(expected)}"
+                )
+            if shapes[key] != expected[key]:
+                raise ValueError(
+                    f"SAE weights file {path / WEIGHTS}: tensor {key!r} has shape {shapes[key]}, but {CONFIG} "
+                    f"(d_in={sae.d_in}, d_sae={sae.d_sae}) expects {expected[key]}"
+                )
         tensors["encoder"] = tensors.pop("W_enc").T
         sae.load_state_dict(tensors)
         return sae.to(device)
 
 
 def read_config(path: str | Path) -> dict:
-    """The `cfg.json` of the SAE saved in directory `path`."""
-    return json.loads((Path(path) / CONFIG).read_text())
+    """The `cfg.json` of the SAE saved in directory `path`, checked to name a valid arch and positive integer
+    `d_in`, `d_sae` and `k`."""
+    file = Path(path) / CONFIG
+    cfg = read_json(file, "SAE config")
+    for key in ("d_in", "d_sae", "k"):
+        if key not in cfg:
+            raise ValueError(f"SAE config {file} lacks key {key!r}; it holds {sorted(cfg)}")
+        value = cfg[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"SAE config {file}: {key}={value!r} must be a positive integer")
+    arch = cfg.get("arch", "topk")
+    if arch not in ARCHS:
+        raise ValueError(f"SAE config {file}: arch={arch!r} is not one of {ARCHS}")
+    return cfg
