@@ -253,7 +253,8 @@ def shuffled(
         buf = torch.cat(chunks)
         buf = buf[torch.randperm(len(buf), generator=generator, device="cpu").to(buf.device)]
         n_out = len(buf) // 2 // batch_size * batch_size
-        yield from buf[:n_out].split(batch_size)
+        if n_out:
+            yield from buf[:n_out].split(batch_size)
         chunks, size = [buf[n_out:]], len(buf) - n_out
     if chunks:
         buf = torch.cat(chunks)
@@ -266,7 +267,10 @@ def epochs(
 ) -> Iterator[torch.Tensor]:
     """Shuffled [batch_size, D] batches drawn from in-memory tokens x [B, D], pass after pass, until `tokens`."""
     if len(x) < batch_size:
-        raise ValueError(f"only {len(x)} tokens were harvested, fewer than one batch of {batch_size}")
+        raise ValueError(
+            f"only {len(x)} tokens were harvested, fewer than one batch of train.batch_size={batch_size}; "
+            "raise train.harvest_tokens or lower train.batch_size"
+        )
     served = 0
     while served < tokens:
         perm = torch.randperm(len(x), generator=generator, device="cpu").to(x.device)

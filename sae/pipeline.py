@@ -292,6 +292,11 @@ def run_training(cfg: TrainJob) -> dict:
             f"{len(variants)} SAEs in `saes` need train.in_memory=true or a train.cache_dir (one harvest "
             "shared by all)"
         )
+    if not cfg.train.in_memory and cfg.train.buffer_tokens < 2 * cfg.train.batch_size:
+        raise ValueError(
+            f"train.buffer_tokens={cfg.train.buffer_tokens} must be at least twice train.batch_size="
+            f"{cfg.train.batch_size} when streaming (train.in_memory=false): the shuffle buffer emits half of itself at a time"
+        )
     train_contexts = packed_contexts(cfg.data, tokenizer, "train", cfg.model.batch_size)
     first = next(train_contexts)  # fails now on a bad corpus, before any long work
     widths = {m: x.shape[-1] for m, x in harvest.capture(model, sorted(set(modules)), first.ids[:1]).items()}
@@ -377,9 +382,11 @@ def run_analysis(job: AnalyzeJob) -> Path:
     device = harvest.resolve_device(cfg.model.device)
     sae = (imported.to(device) if job.sae_dir else SAE.load(run_dir, device=device)).eval()
     width = harvest.capture(model, [module], torch.zeros(1, 1, dtype=torch.long))[module].shape[-1]
-    if job.sae_dir and width != sae.d_in:
-        raise ValueError(f"the SAE in {job.sae_dir} reads d_in={sae.d_in}, but {module} of model.name="
-                         f"{cfg.model.name!r} has width {width}; its cfg.json names model {meta['model_name']!r}")  # fmt: skip
+    if width != sae.d_in:
+        hint = (f"its cfg.json names model {meta['model_name']!r}" if job.sae_dir
+                else "analyse it with the model and module it was trained on")  # fmt: skip
+        raise ValueError(f"the SAE in {job.sae_dir or run_dir} reads d_in={sae.d_in}, but {module} of model.name="
+                         f"{cfg.model.name!r} has width {width}; {hint}")  # fmt: skip
     stats = an.FeatureStats(sae.d_sae, job.analyze)
     held_out_pass(sae, model, tokenizer, module, cfg.model, data, job.analyze.tokens, stats)
     meta = {"model": cfg.model.name, "hook": module, "d_in": sae.d_in}

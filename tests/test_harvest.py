@@ -201,7 +201,7 @@ def test_epochs_serves_the_requested_tokens(gen, tokens):
 
 
 def test_epochs_raises_with_fewer_tokens_than_a_batch(gen):
-    with pytest.raises(ValueError, match="only 10 tokens.*batch of 16"):
+    with pytest.raises(ValueError, match="only 10 tokens.*train.batch_size=16"):
         next(harvest.epochs(numbered(10), batch_size=16, tokens=100, generator=gen))
 
 
