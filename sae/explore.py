@@ -217,8 +217,7 @@ def feature_rows(analysis: dict) -> list[dict]:
 
 
 def _esc(s: object) -> str:
-    # Newlines and tabs would break a one-line layout; spaces stay (white-space: pre where tokens are shown).
-    return html.escape(str(s).replace("\n", "↵").replace("\t", "⇥"))
+    return dashboard.token_text(str(s))
 
 
 def _alpha(act: float, scale: float) -> float:

@@ -64,11 +64,9 @@ def spliced_losses(
     Keys: `ce_clean`, `ce_<name>`, `kl_<name>` for each replacement name, `targets`. Runs `chunk_elements`
     logits (about 128 MiB in fp32) at a time, whatever the number of contexts.
     """
-    per_context = ids.shape[1] * model.config.get_text_config().vocab_size
+    contexts = max(1, chunk_elements // (ids.shape[1] * model.config.get_text_config().vocab_size))
     out: dict[str, float] = {}
-    for part, part_mask in zip(
-        ids.split(max(1, chunk_elements // per_context)), mask.split(max(1, chunk_elements // per_context))
-    ):
+    for part, part_mask in zip(ids.split(contexts), mask.split(contexts)):
         clean_logp = _logits(model, part, part_mask).log_softmax(dim=-1)  # [M, V] at scored positions
         targets = part[:, 1:].to(model.device)[part_mask[:, 1:].to(model.device)]
         sums = {"ce_clean": F.nll_loss(clean_logp, targets, reduction="sum").item(), "targets": len(targets)}

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.config import ModelConfig
+from sae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
 from sae.data import wikipedia_sample
 from sae.harvest import load_model
 
@@ -75,3 +75,22 @@ def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "wiki.jsonl"
     path.write_text("".join(json.dumps({"text": r["text"][:3000]}) + "\n" for r in rows))
     return path
+
+
+def tiny_job(tmp_path: Path, corpus: Path, **changes) -> TrainJob:
+    """A TrainJob that runs in seconds: the tiny model on `corpus`, no W&B, no analysis; `changes` sets fields
+    of its groups, e.g. `train={"in_memory": False}`."""
+    job = TrainJob(
+        model=ModelConfig(name="tiny", dtype="float32", layer=1, batch_size=4),
+        data=DataConfig(path=str(corpus), context_size=64),
+        sae=SAEConfig(k=8, expansion_factor=2),
+        train=TrainConfig(tokens=2048, harvest_tokens=2048, batch_size=256, buffer_tokens=1024),
+        wandb=WandbConfig(mode="disabled"),
+        run_dir=str(tmp_path / "run"),
+        do_analyze=False,
+    )
+    for group, values in changes.items():
+        for key, value in values.items():
+            setattr(getattr(job, group), key, value)
+    job.eval.tokens, job.eval.loss_contexts = 1024, 0
+    return job

@@ -8,29 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_job
 from safetensors.torch import save_file
 
-from sae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
+from sae.config import ModelConfig, SAEConfig, TrainJob
 from sae.explore import Explorer
 from sae.model import CONFIG, SAE, WEIGHTS
 from sae.pipeline import run_training
-
-
-def _job(tmp_path: Path, corpus: Path, **changes) -> TrainJob:
-    job = TrainJob(
-        model=ModelConfig(name="tiny", dtype="float32", layer=1, batch_size=4),
-        data=DataConfig(path=str(corpus), context_size=64),
-        sae=SAEConfig(k=8, expansion_factor=2),
-        train=TrainConfig(tokens=2048, harvest_tokens=2048, batch_size=256, buffer_tokens=1024),
-        wandb=WandbConfig(mode="disabled"),
-        run_dir=str(tmp_path / "run"),
-        do_analyze=False,
-    )
-    for group, values in changes.items():
-        for key, value in values.items():
-            setattr(getattr(job, group), key, value)
-    job.eval.tokens, job.eval.loss_contexts = 1024, 0
-    return job
 
 
 def _fails_cleanly(job: TrainJob, error: type[Exception], words: list[str]) -> str:
@@ -54,12 +38,16 @@ def _fails_cleanly(job: TrainJob, error: type[Exception], words: list[str]) -> s
         ({"model": {"layer": 9}}, ValueError, ["9", "out of range", "4 blocks"]),
         ({"data": {"text_column": "body"}}, ValueError, ["data.text_column='body'", "columns: ['text']"]),
         ({"sae": {"k": 128}}, ValueError, ["sae.k=128", "smaller than", "d_sae=128"]),
-        ({"train": {"batch_size": 4096}}, ValueError, ["2048 tokens", "train.batch_size=4096", "train.harvest_tokens"]),
+        (
+            {"train": {"batch_size": 4096}},
+            ValueError,
+            ["2048 tokens", "train.batch_size=4096", "train.harvest_tokens"],
+        ),
     ],
     ids=["unknown-module", "layer-out-of-range", "missing-text-column", "k-at-d_sae", "batch-over-harvest"],
 )
 def test_bad_job_fails_before_leaving_anything(tmp_path, corpus, changes, error, words):
-    _fails_cleanly(_job(tmp_path, corpus, **changes), error, words)
+    _fails_cleanly(tiny_job(tmp_path, corpus, **changes), error, words)
 
 
 def _empty(d: Path) -> Path:
@@ -120,11 +108,11 @@ def _bad_json(d: Path) -> Path:
 )
 def test_bad_corpus_fails_before_leaving_anything(tmp_path, make, error, words):
     (tmp_path / "data").mkdir()
-    _fails_cleanly(_job(tmp_path, make(tmp_path / "data")), error, words)
+    _fails_cleanly(tiny_job(tmp_path, make(tmp_path / "data")), error, words)
 
 
 def test_streamed_batch_over_the_shuffle_buffer_fails_clearly(tmp_path, corpus):
-    _fails_cleanly(_job(tmp_path, corpus, train={"batch_size": 4096, "in_memory": False}), ValueError,
+    _fails_cleanly(tiny_job(tmp_path, corpus, train={"batch_size": 4096, "in_memory": False}), ValueError,
                    ["train.batch_size=4096", "train.buffer_tokens=1024"])  # fmt: skip
 
 

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import tiny_job
 
 from sae import harvest
-from sae.config import ARCHS, DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
+from sae.config import ARCHS
 from sae.model import SAE
 from sae.pipeline import run_training
 from sae.train import TrainingDiverged
@@ -171,25 +172,8 @@ def test_several_saes_share_one_harvest_across_two_hooks(every_arch_run):
     assert sum("loss_recovered=" in line and line.startswith("step 9:") for line in output.splitlines()) == 6
 
 
-def _job(tmp_path: Path, corpus: Path, **changes) -> TrainJob:
-    job = TrainJob(
-        model=ModelConfig(name="tiny", dtype="float32", layer=1, batch_size=4),
-        data=DataConfig(path=str(corpus), context_size=64),
-        sae=SAEConfig(k=8, expansion_factor=2),
-        train=TrainConfig(tokens=2048, harvest_tokens=2048, batch_size=256, buffer_tokens=1024),
-        wandb=WandbConfig(mode="disabled"),
-        run_dir=str(tmp_path / "run"),
-        do_analyze=False,
-    )
-    for group, values in changes.items():
-        for key, value in values.items():
-            setattr(getattr(job, group), key, value)
-    job.eval.tokens, job.eval.loss_contexts = 1024, 0
-    return job
-
-
 def test_streaming_harvest_trains_through_the_shuffle_buffer(tmp_path, corpus):
-    metrics = run_training(_job(tmp_path, corpus, train={"in_memory": False}))
+    metrics = run_training(tiny_job(tmp_path, corpus, train={"in_memory": False}))
     assert metrics["l0"] == pytest.approx(8, abs=0.01)
     assert (tmp_path / "run" / "sae.safetensors").exists()
 
@@ -206,7 +190,7 @@ def test_streaming_harvest_trains_through_the_shuffle_buffer(tmp_path, corpus):
 )
 def test_bad_input_fails_before_writing_anything(tmp_path, corpus, changes, error, words):
     with pytest.raises(error) as info:
-        run_training(_job(tmp_path, corpus, **changes))
+        run_training(tiny_job(tmp_path, corpus, **changes))
     for word in words:
         assert word in str(info.value)
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.tmp").exists()
@@ -216,7 +200,7 @@ def test_empty_corpus_fails_before_writing_anything(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text('{"text": ""}\n{"text": "   "}\n')
     with pytest.raises(ValueError, match="fewer than one batch"):
-        run_training(_job(tmp_path, empty))
+        run_training(tiny_job(tmp_path, empty))
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.tmp").exists()
 
 
@@ -226,7 +210,7 @@ def test_hub_code_path_loads_a_model_directory(tmp_path, corpus):
 
     tiny_model(seed=3).save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
-    metrics = run_training(_job(tmp_path, corpus, model={"name": str(tmp_path / "model")}))
+    metrics = run_training(tiny_job(tmp_path, corpus, model={"name": str(tmp_path / "model")}))
     assert metrics["l0"] == pytest.approx(8, abs=0.01)
     assert json.loads((tmp_path / "run" / "cfg.json").read_text())["model"] == str(tmp_path / "model")
 
@@ -239,7 +223,7 @@ def test_a_diverged_run_keeps_only_its_last_good_checkpoint(tmp_path, corpus, mo
             yield x.fill_(float("nan")) if i == 6 else x
 
     monkeypatch.setattr(harvest, "epochs", poisoned)
-    job = _job(tmp_path, corpus, train={"checkpoint_every": 4, "log_every": 100})
+    job = tiny_job(tmp_path, corpus, train={"checkpoint_every": 4, "log_every": 100})
     with pytest.raises(TrainingDiverged, match="last-good-checkpoint") as caught:
         run_training(job)
     kept = tmp_path / "run.last-good-checkpoint"
