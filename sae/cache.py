@@ -19,9 +19,10 @@ modules and the provenance line up.
 import contextlib
 import fcntl
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -275,27 +276,80 @@ class ActivationCache:
         tokens: int,
         generator: torch.Generator,
         buffer_tokens: int = 2**18,
-    ) -> Iterator[torch.Tensor]:
+        shard: tuple[int, int] = (0, 1),
+    ) -> "CacheBatches":
         """Shuffled float32 batches [batch_size, D] of `module`, pass after pass over the cache, until
-        `tokens` were served.
+        `tokens` were served; resumable (`CacheBatches`).
 
         Each pass reads the shards in a random order through a shuffle buffer of about `buffer_tokens`
-        tokens (`harvest.shuffled`), so memory stays bounded however large the cache. Within a pass each
-        token is served at most once: all but fewer than `batch_size` of them.
+        tokens (`harvest.Shuffled`), so memory stays bounded however large the cache. Within a pass each
+        token is served at most once: all but fewer than `batch_size` of them. `shard=(rank, world)` reads
+        only every world-th shard from the rank-th on (data-parallel training).
         """
         key = self._key(module)
-        if self.tokens < batch_size:
+        shards = list(range(len(self.meta["shards"])))[shard[0] :: shard[1]]
+        held = sum(self.meta["shards"][i]["tokens"] for i in shards)
+        if held < batch_size:
+            part = f" (shard {shard[0]} of {shard[1]}: {len(shards)} shards)" if shard[1] > 1 else ""
             raise ValueError(
-                f"activation cache {self.dir} holds {self.tokens} tokens, fewer than one batch of "
-                f"{batch_size}"
+                f"activation cache {self.dir} holds {held} tokens{part}, fewer than one batch of {batch_size}"
             )
-        n = len(self.meta["shards"])
-        served = 0
+        return CacheBatches(lambda i: self._read(i, key).float(), shards, batch_size, tokens, generator,
+                            buffer_tokens)  # fmt: skip
+
+
+class CacheBatches:
+    """The batches of `ActivationCache.batches`, resumable: `state()` is the position after the last batch
+    served (this pass's shard order, the shuffle buffer's state, tokens served), `restore(state)` continues
+    from it."""
+
+    def __init__(self, read: Callable[[int], torch.Tensor], shards: list[int], batch_size: int, tokens: int,
+                 generator: torch.Generator, buffer_tokens: int):  # fmt: skip
+        self.read, self.shards, self.batch_size, self.tokens = read, shards, batch_size, tokens
+        self.generator, self.buffer_tokens = generator, buffer_tokens
+        self._order: list[int] | None = None  # this pass's shards, in reading order
+        self._pass: harvest.Shuffled | None = None
+        self._served = 0
+        self._it: Iterator[torch.Tensor] | None = None
+
+    def _new_pass(self, order: list[int]) -> harvest.Shuffled:
+        self._order = order
+        chunks = lambda start: (self.read(i) for i in order[start:])  # noqa: E731
+        return harvest.Shuffled(chunks, self.buffer_tokens, self.batch_size, self.generator)
+
+    def state(self) -> dict[str, Any]:
+        inner = self._pass.state() if self._pass is not None else {}
+        return {"order": self._order, "served": self._served, "generator": self.generator.get_state()} | {
+            f"pass.{k}": v for k, v in inner.items()
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if self._it is not None:
+            raise RuntimeError("restore() must come before iterating")
+        self._served = state["served"]
+        self.generator.set_state(state["generator"])
+        if state["order"] is not None:
+            self._pass = self._new_pass(state["order"])
+            self._pass.restore(
+                {k.removeprefix("pass."): v for k, v in state.items() if k.startswith("pass.")}
+            )
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._it is None:
+            self._it = self._run()
+        return next(self._it)
+
+    def _run(self) -> Iterator[torch.Tensor]:
         while True:
-            order = torch.randperm(n, generator=generator).tolist()
-            chunks = (self._read(i, key).float() for i in order)
-            for x in harvest.shuffled(chunks, buffer_tokens, batch_size, generator):
+            if self._pass is None:
+                perm = torch.randperm(len(self.shards), generator=self.generator).tolist()
+                self._pass = self._new_pass([self.shards[i] for i in perm])
+            for x in self._pass:
+                self._served += len(x)
                 yield x
-                served += len(x)
-                if served >= tokens:
+                if self._served >= self.tokens:
                     return
+            self._pass = None

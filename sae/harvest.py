@@ -7,13 +7,14 @@ masked positions (BOS/EOS/PAD) are dropped, the rest flattened to tokens [B, D] 
 
 import difflib
 import importlib.util
+import itertools
 import os
 import queue
 import shutil
 import threading
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -234,90 +235,227 @@ def activations(
             return
 
 
-def shuffled(
-    stream: Iterable[torch.Tensor], capacity: int, batch_size: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Token-level shuffle of a stream of [B, D] chunks into [batch_size, D] batches.
+class Shuffled:
+    """Token-level shuffle of a stream of [B, D] chunks into [batch_size, D] batches, resumable.
 
     Fills a buffer of about `capacity` tokens, permutes it, emits half and keeps the other half to mix with
     what comes next, so each batch draws on many contexts and documents. A remainder smaller than one batch
-    at the end is dropped.
+    at the end is dropped. `chunks(start)` yields the source's chunks from chunk `start` on (a resumed
+    stream restarts its source there); `state()` is the position after the last batch served: the buffer's
+    tokens still to serve or keep, the chunks consumed and the generator, so `restore(state)` continues
+    exactly where that batch left off.
     """
-    chunks: list[torch.Tensor] = []
-    size = 0
-    for x in stream:
-        chunks.append(x)
-        size += len(x)
-        if size < capacity:
-            continue
-        buf = torch.cat(chunks)
-        buf = buf[torch.randperm(len(buf), generator=generator, device="cpu").to(buf.device)]
-        n_out = len(buf) // 2 // batch_size * batch_size
-        if n_out:
-            yield from buf[:n_out].split(batch_size)
-        chunks, size = [buf[n_out:]], len(buf) - n_out
-    if chunks:
-        buf = torch.cat(chunks)
-        buf = buf[torch.randperm(len(buf), generator=generator, device="cpu").to(buf.device)]
-        yield from buf[: len(buf) // batch_size * batch_size].split(batch_size)
 
-
-def epochs(
-    x: torch.Tensor, batch_size: int, tokens: int, generator: torch.Generator
-) -> Iterator[torch.Tensor]:
-    """Shuffled [batch_size, D] batches drawn from in-memory tokens x [B, D], pass after pass, until `tokens`."""
-    if len(x) < batch_size:
-        raise ValueError(
-            f"only {len(x)} tokens were harvested, fewer than one batch of train.batch_size={batch_size}; "
-            "raise train.harvest_tokens or lower train.batch_size"
+    def __init__(self, chunks: Callable[[int], Iterable[torch.Tensor]], capacity: int, batch_size: int,
+                 generator: torch.Generator):  # fmt: skip
+        self.chunks, self.capacity, self.batch_size, self.generator = chunks, capacity, batch_size, generator
+        self._rest: torch.Tensor | None = (
+            None  # permuted tokens: the next `_to_emit` batches, then those kept
         )
-    served = 0
-    while served < tokens:
-        perm = torch.randperm(len(x), generator=generator, device="cpu").to(x.device)
-        for i in range(0, len(x) - batch_size + 1, batch_size):
-            yield x[perm[i : i + batch_size]].float()
-            served += batch_size
-            if served >= tokens:
+        self._to_emit = 0
+        self._final = False  # the source ended: serve the rest and stop
+        self._consumed = 0  # source chunks consumed
+        self._it: Iterator[torch.Tensor] | None = None
+
+    def state(self) -> dict[str, Any]:
+        rest = self._rest if self._rest is not None else torch.zeros(0)
+        return {"consumed": self._consumed, "to_emit": self._to_emit, "final": self._final, "rest": rest,
+                "generator": self.generator.get_state()}  # fmt: skip
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if self._it is not None:
+            raise RuntimeError("restore() must come before iterating")
+        self._consumed, self._to_emit, self._final = state["consumed"], state["to_emit"], state["final"]
+        self._rest = state["rest"] if state["rest"].dim() == 2 else None
+        self.generator.set_state(state["generator"])
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._it is None:
+            self._it = self._run()
+        return next(self._it)
+
+    def _permute(self, chunks: list[torch.Tensor]) -> torch.Tensor:
+        device = chunks[-1].device
+        buf = torch.cat([c.to(device) for c in chunks])
+        return buf[torch.randperm(len(buf), generator=self.generator, device="cpu").to(device)]
+
+    def _run(self) -> Iterator[torch.Tensor]:
+        B = self.batch_size
+        source: Iterator[torch.Tensor] | None = None
+        while True:
+            while self._to_emit:
+                assert self._rest is not None
+                batch, self._rest = self._rest[:B], self._rest[B:]
+                self._to_emit -= 1
+                yield batch
+            if self._final:
                 return
+            if source is None:
+                source = iter(self.chunks(self._consumed))
+            chunks = [self._rest] if self._rest is not None and len(self._rest) else []
+            size = sum(len(c) for c in chunks)
+            for x in source:
+                chunks.append(x)
+                size += len(x)
+                self._consumed += 1
+                if size >= self.capacity:
+                    break
+            else:
+                self._final = True
+            if not chunks:
+                return
+            self._rest = self._permute(chunks)
+            # Half of a full buffer goes out (whole batches), the other half stays to mix with what comes next.
+            self._to_emit = len(self._rest) // B if self._final else len(self._rest) // 2 // B
 
 
-def prefetch(items: Iterable[T], depth: int = 2) -> Generator[T, None, None]:
+class Epochs:
+    """Shuffled [batch_size, D] batches drawn from in-memory tokens x [B, D], pass after pass, until `tokens`;
+    resumable like `Shuffled` (its state: the generator before this pass's permutation, the offset into it
+    and the tokens served)."""
+
+    def __init__(self, x: torch.Tensor, batch_size: int, tokens: int, generator: torch.Generator):
+        if len(x) < batch_size:
+            raise ValueError(
+                f"only {len(x)} tokens were harvested, fewer than one batch of train.batch_size={batch_size}; "
+                "raise train.harvest_tokens or lower train.batch_size"
+            )
+        self.x, self.batch_size, self.tokens, self.generator = x, batch_size, tokens, generator
+        self._pass_generator: torch.Tensor | None = (
+            None  # the generator's state before this pass's permutation
+        )
+        self._offset = self._served = 0
+        self._it: Iterator[torch.Tensor] | None = None
+
+    def state(self) -> dict[str, Any]:
+        before = self._pass_generator if self._pass_generator is not None else self.generator.get_state()
+        return {"generator": before, "offset": self._offset, "served": self._served,
+                "in_pass": self._pass_generator is not None}  # fmt: skip
+
+    def restore(self, state: dict[str, Any]) -> None:
+        if self._it is not None:
+            raise RuntimeError("restore() must come before iterating")
+        self.generator.set_state(state["generator"])
+        self._offset, self._served = state["offset"], state["served"]
+        self._pass_generator = state["generator"] if state["in_pass"] else None
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._it is None:
+            self._it = self._run()
+        return next(self._it)
+
+    def _run(self) -> Iterator[torch.Tensor]:
+        x, B = self.x, self.batch_size
+        while self._served < self.tokens:
+            if self._pass_generator is None:
+                self._pass_generator = self.generator.get_state()
+            else:  # resumed mid-pass: draw this pass's permutation again
+                self.generator.set_state(self._pass_generator)
+            perm = torch.randperm(len(x), generator=self.generator, device="cpu").to(x.device)
+            while self._offset + B <= len(x):
+                batch = x[perm[self._offset : self._offset + B]].float()
+                self._offset += B
+                self._served += B
+                yield batch
+                if self._served >= self.tokens:
+                    return
+            self._pass_generator, self._offset = None, 0
+
+
+class Prefetch(Generic[T]):
     """Iterates `items` in a background thread up to `depth` items ahead, so producing the next item (a model
     forward, a shard read) overlaps consuming this one; torch releases the GIL inside its kernels. An
-    exception in the producer is raised here; closing this iterator early stops the producer."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
+    exception in the producer is raised here; `close()` stops the producer.
 
-    def put(item) -> bool:
-        while not stop.is_set():
+    If `items` is resumable (`state()`/`restore()`, as `Shuffled` and `Epochs`), so is this: the producer
+    takes the state after each item it makes, and `state()` here is the one that came with the last item
+    consumed, however far ahead the producer is.
+    """
+
+    def __init__(self, items: Iterable[T], depth: int = 2):
+        self.items, self.depth = items, depth
+        self.resumable = hasattr(items, "state") and hasattr(items, "restore")
+        self._state: dict[str, Any] | None = None
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._done = False
+
+    def state(self) -> dict[str, Any] | None:
+        return self._state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.items.restore(state)  # type: ignore[attr-defined]
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
             try:
-                q.put(item, timeout=0.1)
+                self._q.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def produce() -> None:
+    def _produce(self) -> None:
         try:
-            for item in items:
-                if not put((None, item)):
+            for item in self.items:
+                state = self.items.state() if self.resumable else None  # type: ignore[attr-defined]
+                if not self._put((None, item, state)):
                     return
         except BaseException as e:  # handed to the consumer
-            put((e, None))
+            self._put((e, None, None))
             return
-        put((None, done))
+        self._put((None, _DONE, None))
 
-    thread = threading.Thread(target=produce, daemon=True, name="prefetch")
-    thread.start()
-    try:
-        while True:
-            error, item = q.get()
-            if error is not None:
-                raise error
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    def __iter__(self) -> "Prefetch[T]":
+        return self
+
+    def __next__(self) -> T:
+        if self._done:
+            raise StopIteration
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._produce, daemon=True, name="prefetch")
+            self._thread.start()
+        error, item, state = self._q.get()
+        if error is not None:
+            self.close()
+            raise error
+        if item is _DONE:
+            self.close()
+            raise StopIteration
+        self._state = state
+        return item
+
+    def close(self) -> None:
+        """Stops the producer and waits for it."""
+        self._done = True
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+
+_DONE = object()
+
+
+def shuffled(
+    stream: Iterable[torch.Tensor], capacity: int, batch_size: int, generator: torch.Generator
+) -> Shuffled:
+    """`Shuffled` over a one-pass stream of [B, D] chunks."""
+    it = iter(stream)
+    return Shuffled(lambda start: itertools.islice(it, start, None), capacity, batch_size, generator)
+
+
+def epochs(x: torch.Tensor, batch_size: int, tokens: int, generator: torch.Generator) -> Epochs:
+    """`Epochs`: shuffled batches of in-memory tokens x [B, D], pass after pass, until `tokens`."""
+    return Epochs(x, batch_size, tokens, generator)
+
+
+def prefetch(items: Iterable[T], depth: int = 2) -> "Prefetch[T]":
+    """`Prefetch`: iterates `items` in a background thread up to `depth` items ahead."""
+    return Prefetch(items, depth)

@@ -13,18 +13,25 @@
 - A latent is dead after `dead_tokens` tokens without firing (counted in tokens, not steps).
 """
 
+import contextlib
 import ctypes
 import math
+import shutil
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sae.config import SAEConfig, TrainConfig
-from sae.files import save_tensors, write_json
+from sae.files import load_tensors, read_json, save_tensors, write_json
 from sae.harvest import resolve_dtype
 from sae.model import SAE
 
@@ -105,16 +112,137 @@ def lr_factor(step: int, steps: int, warmup: int, decay_fraction: float) -> floa
     return 1.0
 
 
-def save_checkpoint(sae: SAE, opt: torch.optim.Optimizer, state: dict, path: Path) -> None:
-    """SAE weights (in the scaled input space), Adam moments and loop counters in `path`, each file atomic."""
-    sae.save(path)
-    moments = {}
+# --- checkpoints ----------------------------------------------------------------------------------------
+#
+# A checkpoint directory holds everything the next step depends on, so a resumed run continues bit-exactly:
+#   sae.safetensors, cfg.json   the SAE in the scaled input space
+#   optimizer.safetensors       Adam's moments and step count per parameter
+#   loop.safetensors            per-latent counters (tokens since each fired, firings since the last log and
+#                               evaluation), the dead latents AuxK uses, the torch RNG states
+#   stream-rank<R>.*            rank R's data position: its shuffle buffer's tokens, generator and source
+#                               position (`state()` of a resumable batch stream), as safetensors + JSON
+#   state.json                  step, tokens, input scale, window counters, world size; written last
+# It is assembled in `<dir>.new` and swapped in by renames, so a crash at any moment leaves either the old or
+# the new checkpoint whole (`<dir>.old` is the old one for the instant between the two renames).
+
+
+def split_state(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A flat state dict as (its JSON values, its tensors)."""
+    tensors = {k: v for k, v in state.items() if torch.is_tensor(v)}
+    return {k: v for k, v in state.items() if k not in tensors}, tensors
+
+
+def _save_stream(path: Path, rank: int, state: dict[str, Any]) -> None:
+    values, tensors = split_state(state)
+    save_tensors(path / f"stream-rank{rank}.safetensors", tensors)
+    write_json(path / f"stream-rank{rank}.json", values)
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def save_checkpoint(sae: SAE, opt: torch.optim.Optimizer, state: dict, path: Path,
+                    loop: dict[str, torch.Tensor] | None = None, stream: dict[str, Any] | None = None,
+                    rank: int = 0, world: int = 1) -> None:  # fmt: skip
+    """Writes the checkpoint directory `path` (layout above) as a whole: every rank its stream state, rank 0
+    the rest, then rank 0 swaps it in."""
+    path = Path(path)
+    new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
+    if rank == 0:
+        shutil.rmtree(new, ignore_errors=True)
+        new.mkdir(parents=True)
+    _barrier(world)
+    if stream is not None:
+        _save_stream(new, rank, stream)
+    _barrier(world)
+    if rank == 0:
+        sae.save(new)
+        moments = {}
+        for name, p in sae.named_parameters():
+            for key, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value):
+                    moments[f"{name}.{key}"] = value.float()
+        save_tensors(new / "optimizer.safetensors", moments)
+        if loop is not None:
+            save_tensors(new / "loop.safetensors", loop)
+        write_json(new / "state.json", state | {"world": world, "stream": stream is not None})
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+        new.rename(path)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier(world)
+
+
+def find_checkpoint(path: str | Path) -> Path | None:
+    """The complete checkpoint at `path` (or the old one a crash between the swap's renames left), or None."""
+    path = Path(path)
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if (candidate / "state.json").is_file():
+            return candidate
+    return None
+
+
+STATE_KEYS = ("step", "tokens", "input_scale", "world", "stream")
+
+
+def read_checkpoint_state(path: Path, world: int = 1) -> dict:
+    """The state.json of checkpoint `path`, checked to hold every key and to come from `world` processes."""
+    state = read_json(path / "state.json", "checkpoint state")
+    missing = [k for k in STATE_KEYS if k not in state]
+    if missing:
+        raise ValueError(f"checkpoint state {path / 'state.json'} lacks {missing}; it holds {sorted(state)}")
+    if state["world"] != world:
+        raise ValueError(
+            f"checkpoint {path} was written by {state['world']} data-parallel processes, but this run has "
+            f"{world}; resume it with the same number (torchrun --nproc_per_node={state['world']})"
+        )
+    return state
+
+
+def load_stream_state(path: Path, rank: int = 0) -> dict[str, Any]:
+    """Rank `rank`'s stream state in checkpoint `path`, for the stream's `restore()`."""
+    values = read_json(path / f"stream-rank{rank}.json", f"checkpoint stream state of rank {rank}")
+    return values | load_tensors(
+        path / f"stream-rank{rank}.safetensors", f"checkpoint stream file of rank {rank}"
+    )
+
+
+def load_checkpoint(path: Path, sae: SAE, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """Loads checkpoint `path` into `sae` (scaled space) and `opt`; returns its loop tensors. Anything
+    missing, truncated, corrupt or not matching this SAE raises an error naming the file."""
+    saved = SAE.load(path)
+    if saved.config() != sae.config():
+        raise ValueError(
+            f"checkpoint {path} holds an SAE {saved.config()}, but this run trains {sae.config()}"
+        )
+    sae.load_state_dict(saved.state_dict())
+    device = next(sae.parameters()).device
+    moments = load_tensors(path / "optimizer.safetensors", "checkpoint optimizer file")
     for name, p in sae.named_parameters():
-        for key, value in opt.state.get(p, {}).items():
-            if torch.is_tensor(value):
-                moments[f"{name}.{key}"] = value.float()
-    save_tensors(path / "optimizer.safetensors", moments)
-    write_json(path / "state.json", state)
+        slot = {}
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            value = moments.get(f"{name}.{key}")
+            expected = () if key == "step" else tuple(p.shape)
+            if value is None or tuple(value.shape) != expected:
+                got = "missing" if value is None else f"of shape {list(value.shape)}"
+                raise ValueError(
+                    f"checkpoint optimizer file {path / 'optimizer.safetensors'}: {name}.{key} is {got}, "
+                    f"expected shape {list(expected)}"
+                )
+            slot[key] = value.to(device)
+        opt.state[p] = slot
+    loop = load_tensors(path / "loop.safetensors", "checkpoint loop file")
+    for key in ("since_fired", "window", "eval_window", "dead", "rng.cpu"):
+        ok = key in loop and (key in ("dead", "rng.cpu") or tuple(loop[key].shape) == (sae.d_sae,))
+        if not ok:
+            raise ValueError(
+                f"checkpoint loop file {path / 'loop.safetensors'}: {key} is missing or not of shape "
+                f"[{sae.d_sae}]; it holds {sorted(loop)}"
+            )
+    return loop
 
 
 def build(sae_cfg: SAEConfig, d_in: int, seed: int = 0) -> SAE:
@@ -125,6 +253,73 @@ def build(sae_cfg: SAEConfig, d_in: int, seed: int = 0) -> SAE:
                threshold_init=sae_cfg.threshold_init, seed=seed)  # fmt: skip
 
 
+class Interrupted(Exception):
+    """SIGTERM or SIGINT stopped training at a step boundary, after a checkpoint was written there."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        name = signal.Signals(signum).name
+        super().__init__(
+            f"{name} received: training stopped after step {step}; its checkpoint is in {checkpoint}"
+        )
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[list[int]]:
+    """While inside, SIGTERM and SIGINT (SLURM's preemption notice, Ctrl-C) only record their number in the
+    yielded list, for the loop to stop at the end of the step; a second Ctrl-C interrupts at once."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received  # signal handlers can only be set in the main thread
+        return
+
+    def handle(signum, _frame):
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size) of this process in the torch.distributed group (0, 1 without one)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rank_weights(
+    x: torch.Tensor, x_hat: torch.Tensor, keys: Iterable[str], world: int
+) -> dict[str, torch.Tensor]:
+    """Per loss term, the factor that turns this rank's term into its share of the global batch's term, so
+    that summing the ranks' gradients gives the gradient of one process on the whole batch.
+
+    FVU terms divide by the variance of their batch: a rank's term times its own variance over the global
+    one (AuxK's reconstructs the residual, so its variance); mean penalties over tokens weigh 1/world.
+    """
+    residual = (x - x_hat).detach()
+    stats = [x.sum(0), x.pow(2).sum()[None], residual.sum(0), residual.pow(2).sum()[None]]
+    n = x.new_tensor([len(x)])
+    local = torch.cat(stats + [n]).double()
+    total = local.clone()
+    dist.all_reduce(total)
+
+    def centered(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        D, count = len(x[0]), s[-1]
+        return s[D] - s[:D].pow(2).sum() / count, s[2 * D + 1] - s[D + 1 : 2 * D + 1].pow(2).sum() / count
+
+    (x_local, r_local), (x_all, r_all) = centered(local), centered(total)
+    w_x, w_r = (x_local / x_all.clamp_min(1e-12)).float(), (r_local / r_all.clamp_min(1e-12)).float()
+    return {
+        k: w_r if k == "auxk" else x.new_tensor(1 / world) if k.endswith("penalty") else w_x for k in keys
+    }
+
+
 def train(
     sae_cfg: SAEConfig,
     cfg: TrainConfig,
@@ -133,6 +328,8 @@ def train(
     checkpoint_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     evaluate: Evaluate | None = None,
+    resume: bool = False,
+    extra_state: dict | None = None,
 ) -> SAE:
     """Trains an SAE on any iterable of float activation batches [B, D] and returns it (taking raw inputs).
 
@@ -140,22 +337,61 @@ def train(
     set. Training stops after `cfg.tokens` tokens or when `activations` ends, whichever is first. Every
     `cfg.eval_every` steps, `evaluate(reconstruct)` receives a function mapping raw activations [B, D] to
     reconstructions and returns metrics to log (e.g. the spliced-in loss on held-out tokens).
+
+    Checkpoints go to `checkpoint_dir` every `cfg.checkpoint_every` steps and at the end; `extra_state` is
+    added to their state.json. With `resume`, training continues from the checkpoint there (if any) exactly
+    as if it had never stopped: a resumable stream (`state()`/`restore()`, as `harvest.Shuffled`, `Epochs`
+    and `Prefetch` over them) is restored to its saved position, any other iterable is advanced past the
+    batches already trained on. SIGTERM/SIGINT end the current step, write a checkpoint and raise
+    `Interrupted`.
+
+    Data-parallel: inside a torch.distributed group of W processes, each passes its own batches of
+    cfg.batch_size / W tokens; the loss terms are weighted so the summed gradients are those of one process
+    on all W batches together, and all ranks take identical steps. Rank 0 writes the checkpoint files
+    (each rank its own stream state); pass `log` and `evaluate` on rank 0 only.
     """
     device = torch.device(device)
     if device.type == "cpu":
         keep_freed_memory()
+    rank, world = _world()
+    resumable = all(hasattr(activations, a) for a in ("state", "restore"))
+    resumable = resumable and getattr(activations, "resumable", True)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    found = find_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    saved_state = read_checkpoint_state(found, world) if found is not None else None
+    if found is not None and saved_state is not None and saved_state["stream"] and resumable:
+        activations.restore(load_stream_state(found, rank))  # type: ignore[attr-defined]
     batches = iter(activations)
+    if saved_state is not None and not (saved_state["stream"] and resumable):
+        # A stream without a saved position: replay it past the batches already trained on.
+        for _ in range(saved_state["step"]):
+            if next(batches, None) is None:
+                break
     first = next(batches, None)
-    if first is None:
+    if first is None and saved_state is None:
         raise ValueError("train() received no activation batches")
-    d_in = first.shape[1]
+    d_in = first.shape[1] if first is not None else SAE.load(found).d_in  # type: ignore[arg-type]
     sae = build(sae_cfg, d_in, cfg.seed).to(device)
-    first = first.to(device).float()
-    scale = math.sqrt(d_in) / first.norm(dim=1).mean().item() if cfg.normalize_inputs else 1.0
-    first = first * scale
-    if sae_cfg.b_dec_init != "zeros":
-        init = geometric_median(first) if sae_cfg.b_dec_init == "geometric_median" else first.mean(dim=0)
-        sae.b_dec.data.copy_(init)
+    if first is not None:
+        first = first.to(device).float()
+    if saved_state is None:
+        assert first is not None
+        # The whole global batch sets the input scale and b_dec, as one process would see it.
+        init = first
+        if world > 1:
+            parts = [torch.empty_like(first) for _ in range(world)]
+            dist.all_gather(parts, first.contiguous())
+            init = torch.cat(parts)
+        scale = math.sqrt(d_in) / init.norm(dim=1).mean().item() if cfg.normalize_inputs else 1.0
+        if sae_cfg.b_dec_init != "zeros":
+            init = init * scale
+            b_dec = geometric_median(init) if sae_cfg.b_dec_init == "geometric_median" else init.mean(dim=0)
+            sae.b_dec.data.copy_(b_dec)
+    else:
+        scale = saved_state["input_scale"]
+    if world > 1:
+        for t in sae.state_dict().values():
+            dist.broadcast(t, 0)
 
     lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
     groups = [{"params": [p for n, p in sae.named_parameters() if n != "threshold"], "lr": lr}]
@@ -171,32 +407,63 @@ def train(
     since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)  # tokens since each latent fired
     window = torch.zeros(sae.d_sae, device=device)  # firings since the last log
     eval_window = torch.zeros(sae.d_sae, device=device)  # firings since the last evaluation
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    dead = (since_fired >= cfg.dead_tokens).nonzero().flatten()  # the dead latents, refreshed at log steps
+    tokens = start = since_log = since_eval = 0
+    if saved_state is not None:
+        loop = load_checkpoint(found, sae, opt)  # type: ignore[arg-type]
+        torch.set_rng_state(loop.pop("rng.cpu"))
+        if device.type == "cuda" and "rng.cuda" in loop:
+            torch.cuda.set_rng_state(loop.pop("rng.cuda"), device)
+        loop = {k: v.to(device) for k, v in loop.items()}
+        since_fired, window, eval_window, dead = (
+            loop[k] for k in ("since_fired", "window", "eval_window", "dead")
+        )
+        start, tokens = saved_state["step"], saved_state["tokens"]
+        since_log, since_eval = saved_state.get("since_log", 0), saved_state.get("since_eval", 0)
+        sched.last_epoch = start - 1
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": here on purpose
+            warnings.simplefilter("ignore", UserWarning)
+            sched.step()  # the learning rate of step `start`
     step_fn = torch.compile(sae.step) if cfg.compile else sae.step
     bf16 = resolve_precision(cfg.precision, device) == torch.bfloat16
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def stream():
-        yield first
+        if first is not None:
+            yield first * scale
         for x in batches:
             yield x.to(device).float() * scale
 
     def reconstruct(x: torch.Tensor) -> torch.Tensor:
         return sae(x.to(device) * scale).x_hat / scale
 
-    bar = tqdm(zip(range(steps), stream()), total=steps, desc=f"train {sae.arch}", unit="step")
-    tokens = done = since_log = since_eval = 0
+    def checkpoint(step: int) -> None:
+        """Writes the checkpoint after `step` steps (all ranks take part)."""
+        assert checkpoint_dir is not None
+        loop = {"since_fired": since_fired, "window": window, "eval_window": eval_window, "dead": dead,
+                "rng.cpu": torch.get_rng_state()}  # fmt: skip
+        if device.type == "cuda":
+            loop["rng.cuda"] = torch.cuda.get_rng_state(device)
+        state = {"step": step, "tokens": tokens, "input_scale": scale, "since_log": since_log,
+                 "since_eval": since_eval} | (extra_state or {})  # fmt: skip
+        stream_state = activations.state() if resumable else None  # type: ignore[attr-defined]
+        save_checkpoint(sae, opt, state, checkpoint_dir, loop, stream_state, rank, world)
+
+    bar = tqdm(zip(range(start, steps), stream()), initial=start, total=steps, desc=f"train {sae.arch}",
+               unit="step", disable=rank != 0)  # fmt: skip
+    done = start
     clock = time.perf_counter()
     sae.train()
-    dead = (since_fired >= cfg.dead_tokens).nonzero().flatten()  # the dead latents, refreshed at log steps
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # a loss was NaN/inf since the last check
-    checked = 0  # the last step known finite
-    saved: int | None = None  # the step of the last checkpoint written
+    checked = start  # the last step known finite
+    saved: int | None = start if saved_state is not None else None  # the step of the last checkpoint written
+    params = list(sae.parameters())
+    shared = list(sae.buffers())  # running statistics (BatchTopK's threshold): averaged over ranks
 
     def check(step: int) -> None:
         """Raises TrainingDiverged if a loss since the last check, or a weight now, is not finite."""
         nonlocal checked
-        if bool(nonfinite) or not all(bool(torch.isfinite(p).all()) for p in sae.parameters()):
+        if bool(nonfinite) or not all(bool(torch.isfinite(p).all()) for p in params):
             where = (f"the last good checkpoint (step {saved}) is in {checkpoint_dir}" if saved is not None
                      else "no checkpoint was written before it")  # fmt: skip
             raise TrainingDiverged(
@@ -207,71 +474,105 @@ def train(
             )
         checked = step
 
-    for step, x in bar:
-        with autocast:
-            out = step_fn(x, dead, coef * min(1.0, (step + 1) / warm), cfg.auxk_coef, sae_cfg.multi_topk)
-        loss = torch.stack(list(out.losses.values())).sum()
-        opt.zero_grad(set_to_none=True)
-        nonfinite.logical_or_(~torch.isfinite(loss))
-        loss.backward()
-        if sae.unit_decoder:
-            sae.remove_parallel_grad()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), cfg.grad_clip)
-        opt.step()
-        sched.step()
-        if sae.unit_decoder:
-            sae.normalize_decoder()
+    stop_on_signals: contextlib.AbstractContextManager[list[int]] = (
+        _stop_on_signals() if checkpoint_dir is not None else contextlib.nullcontext([])
+    )
+    with stop_on_signals as received:
+        for step, x in bar:
+            with autocast:
+                out = step_fn(x, dead, coef * min(1.0, (step + 1) / warm), cfg.auxk_coef, sae_cfg.multi_topk)
+            losses = out.losses
+            if world > 1:
+                weights = _rank_weights(x, out.x_hat, losses, world)
+                losses = {k: v * weights[k] for k, v in losses.items()}
+            loss = torch.stack(list(losses.values())).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            fired = out.fired
+            stop = False
+            if world > 1:
+                # One all-reduce a step: gradients, firings, loss terms, buffers and whether any rank was told to stop.
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                parts = grads + [fired, torch.stack(list(losses.values())).detach()]
+                parts += [b.float() / world for b in shared] + [x.new_tensor([float(stop)])]
+                flat = torch.cat([t.flatten().float() for t in parts])
+                dist.all_reduce(flat)
+                pieces = flat.split([t.numel() for t in parts])
+                for p, g in zip(params, pieces):
+                    p.grad = g.view_as(p).to(p.dtype)
+                fired = pieces[len(params)]
+                losses = dict(zip(losses, pieces[len(params) + 1]))
+                loss = pieces[len(params) + 1].sum()
+                for b, value in zip(shared, pieces[len(params) + 2 : -1]):
+                    b.copy_(value.view_as(b))
+                # Read back every 10 steps, the same steps on every rank, so all stop after the same one.
+                stop = (step % 10 == 0 or step == steps - 1) and bool(pieces[-1].item())
+            nonfinite.logical_or_(~torch.isfinite(loss))
+            if sae.unit_decoder:
+                sae.remove_parallel_grad()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            if sae.unit_decoder:
+                sae.normalize_decoder()
 
-        window += out.fired
-        eval_window += out.fired
-        since_fired = torch.where(out.fired > 0, 0, since_fired + x.shape[0])
-        tokens += x.shape[0]
-        since_log += x.shape[0]
-        since_eval += x.shape[0]
-        done = step + 1
-        # Everything above runs without waiting for the device; the host reads values back only here.
-        if step % cfg.log_every == 0 or step == steps - 1:
-            check(step)
-            now = time.perf_counter()
-            metrics = {f"train/{k}": v.item() for k, v in out.losses.items()}
-            metrics |= {
-                "train/loss": loss.item(),
-                "train/l0": out.l0.item(),
-                "train/mse": float((x - out.x_hat).pow(2).mean().item() / scale**2),
-                "train/dead_fraction": len(dead) / sae.d_sae,
-                "train/dense_fraction": (window > DENSE * since_log).float().mean().item(),
-                "train/lr": float(sched.get_last_lr()[0]),
-                "train/tokens": tokens,
-                "train/tokens_per_second": since_log / (now - clock),
-            }
-            log(metrics, step)
-            bar.set_postfix(fvu=f"{metrics['train/fvu']:.3f}", l0=f"{metrics['train/l0']:.1f}",
-                            dead=f"{metrics['train/dead_fraction']:.3f}")  # fmt: skip
-            window.zero_()
-            since_log, clock = 0, now
-            dead = (since_fired >= cfg.dead_tokens).nonzero().flatten()
-        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
-            density = eval_window / since_eval
-            metrics = {"train/log10_density": density.clamp_min(1e-10).log10().cpu()}
-            if evaluate is not None:
-                sae.eval()
-                with torch.no_grad():
-                    metrics |= {f"eval/{k}": v for k, v in evaluate(reconstruct).items()}
-                sae.train()
-            log(metrics, step)
-            eval_window.zero_()
-            since_eval = 0
-        if checkpoint_dir is not None and cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            check(step)  # a checkpoint is only ever written from finite weights
-            save_checkpoint(
-                sae, opt, {"step": step + 1, "tokens": tokens, "input_scale": scale}, checkpoint_dir
-            )
-            saved = step + 1
+            n = x.shape[0] * world
+            window += fired
+            eval_window += fired
+            since_fired = torch.where(fired > 0, 0, since_fired + n)
+            tokens += n
+            since_log += n
+            since_eval += n
+            done = step + 1
+            # Everything above runs without waiting for the device (but for data-parallel all-reduces); the host
+            # reads values back only here.
+            if step % cfg.log_every == 0 or step == steps - 1:
+                check(step)
+                now = time.perf_counter()
+                metrics = {f"train/{k}": v.item() for k, v in losses.items()}
+                metrics |= {
+                    "train/loss": loss.item(),
+                    "train/l0": out.l0.item(),
+                    "train/mse": float((x - out.x_hat).pow(2).mean().item() / scale**2),
+                    "train/dead_fraction": len(dead) / sae.d_sae,
+                    "train/dense_fraction": (window > DENSE * since_log).float().mean().item(),
+                    "train/lr": float(sched.get_last_lr()[0]),
+                    "train/tokens": tokens,
+                    "train/tokens_per_second": since_log / (now - clock),
+                }
+                log(metrics, step)
+                bar.set_postfix(fvu=f"{metrics['train/fvu']:.3f}", l0=f"{metrics['train/l0']:.1f}",
+                                dead=f"{metrics['train/dead_fraction']:.3f}")  # fmt: skip
+                window.zero_()
+                since_log, clock = 0, now
+                dead = (since_fired >= cfg.dead_tokens).nonzero().flatten()
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
+                density = eval_window / since_eval
+                metrics = {"train/log10_density": density.clamp_min(1e-10).log10().cpu()}
+                if evaluate is not None:
+                    sae.eval()
+                    with torch.no_grad():
+                        metrics |= {f"eval/{k}": v for k, v in evaluate(reconstruct).items()}
+                    sae.train()
+                log(metrics, step)
+                eval_window.zero_()
+                since_eval = 0
+            if world == 1:
+                stop = bool(received)
+            periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+            if checkpoint_dir is not None and (periodic or stop):
+                check(step)  # a checkpoint is only ever written from finite weights
+                checkpoint(step + 1)
+                saved = step + 1
+            if stop:
+                bar.close()
+                assert checkpoint_dir is not None
+                raise Interrupted(received[0] if received else signal.SIGTERM, step + 1, checkpoint_dir)
     bar.close()
     check(done - 1)
-    if checkpoint_dir is not None:
-        save_checkpoint(sae, opt, {"step": done, "tokens": tokens, "input_scale": scale}, checkpoint_dir)
+    if checkpoint_dir is not None and saved != done:
+        checkpoint(done)
     sae.eval()
     sae.fold_input_scale(scale)
     return sae
