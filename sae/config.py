@@ -263,6 +263,10 @@ class TrainJob:
     """Where the SAE, its config, metrics and analysis are written (replaced atomically at the end)."""
     do_analyze: bool = True
     """Run the analysis and write the dashboard after training."""
+    resume: bool = False
+    """Continue the interrupted run of `run_dir` (killed, preempted, stopped by SIGTERM/SIGINT) from its last
+    checkpoint, exactly as if it had never stopped; with nothing to resume, start fresh. Without it, a run
+    whose unfinished checkpoint is waiting is refused rather than overwritten."""
 
 
 def sae_variants(job: TrainJob) -> list[SAEConfig]:

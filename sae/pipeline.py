@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import resource
 import shutil
 import sys
@@ -18,11 +19,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sae import analyze as an
 from sae import formats, harvest, site
-from sae.cache import write_cache
+from sae.cache import ActivationCache, write_cache
 from sae.config import (
     AnalyzeConfig,
     AnalyzeJob,
@@ -37,7 +39,7 @@ from sae.data import Contexts, packed_contexts
 from sae.files import write_json
 from sae.metrics import dead_fraction, firing_counts, spliced_losses
 from sae.model import SAE
-from sae.train import TrainingDiverged, train
+from sae.train import Interrupted, TrainingDiverged, find_checkpoint, train
 
 
 def _check_width(sae: SAEConfig, d_in: int) -> None:
@@ -73,26 +75,37 @@ def _locked(fn: Callable, lock: threading.Lock) -> Callable:
     return call
 
 
-def _streamed(cfg: TrainJob, model, tokenizer, module: str, lock: threading.Lock) -> Iterator[torch.Tensor]:
-    """Activations harvested on the fly through the shuffle buffer, passing over the corpus repeatedly.
+def _train_contexts(cfg: TrainJob, tokenizer, rank: int = 0, world: int = 1) -> Iterator[Contexts]:
+    """The training context batches of this rank: every world-th batch from the rank-th on."""
+    contexts = packed_contexts(cfg.data, tokenizer, "train", cfg.model.batch_size)
+    return itertools.islice(contexts, rank, None, world) if world > 1 else contexts
+
+
+def _streamed(cfg: TrainJob, model, tokenizer, module: str, lock: threading.Lock, rank: int = 0,
+              world: int = 1) -> harvest.Shuffled:  # fmt: skip
+    """Activations harvested on the fly through the shuffle buffer, passing over the corpus (this rank's
+    share of it) repeatedly; resumable. The source's position is the count of context batches consumed: a
+    resumed stream skips that many without running the model.
 
     Each forward holds `lock`: the stream is produced in a background thread (`harvest.prefetch`), and
     forward hooks are per module, not per thread, so another forward of the model (the in-training
     evaluation) must not run at the same time."""
-    g = torch.Generator().manual_seed(cfg.train.seed)
+    g = torch.Generator().manual_seed(cfg.train.seed + rank)
 
-    def passes() -> Iterator[torch.Tensor]:
+    def chunks(start: int) -> Iterator[torch.Tensor]:
+        seen = 0
         for _ in itertools.count():
-            contexts = packed_contexts(cfg.data, tokenizer, "train", cfg.model.batch_size)
-            acts = harvest.activations(model, module, contexts, max_norm_ratio=cfg.model.max_norm_ratio)
-            while True:
+            for batch in _train_contexts(cfg, tokenizer, rank, world):
+                seen += 1
+                if seen <= start:
+                    continue
                 with lock:
-                    item = next(acts, None)
-                if item is None:
-                    break
-                yield item[0]
+                    x, _, _ = next(
+                        harvest.activations(model, module, [batch], None, cfg.model.max_norm_ratio)
+                    )
+                yield x
 
-    return harvest.shuffled(passes(), cfg.train.buffer_tokens, cfg.train.batch_size, g)
+    return harvest.Shuffled(chunks, cfg.train.buffer_tokens, cfg.train.batch_size // world, g)
 
 
 @torch.no_grad()
@@ -164,15 +177,30 @@ def loss_recovered(reconstruct: Callable[[torch.Tensor], torch.Tensor], model, t
     return out
 
 
-def _wandb_run(cfg: TrainJob, run_dir: Path):
+def _wandb_run(cfg: TrainJob, run_dir: Path, run_id: str | None = None):
+    """The W&B run of one SAE; `run_id` continues the run a resumed checkpoint was logged to."""
     import wandb
 
     return wandb.init(
         mode=cfg.wandb.mode,  # type: ignore[arg-type]  # checked against WANDB_MODES in config.py
         project=cfg.wandb.project, entity=cfg.wandb.entity,
         name=cfg.wandb.name or Path(cfg.run_dir).name, dir=str(run_dir), config=dataclasses.asdict(cfg),
+        id=run_id, resume="allow" if run_id else None,
         settings=wandb.Settings(quiet=True),  # its closing hints name the temporary directory; ours follow
     )  # fmt: skip
+
+
+class _NoRun:
+    """Stands in for the W&B run on ranks other than 0, which log nothing."""
+
+    id = None
+    summary: dict = {}
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def finish(self, *args, **kwargs) -> None:
+        pass
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -234,28 +262,40 @@ def _cache_provenance(cfg: TrainJob) -> dict:
 
 def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str, d_in: int,
                batches: Iterator[torch.Tensor], out_dir: Path, final_dir: Path, start: float,
-               lock: threading.Lock) -> dict:  # fmt: skip
-    """Trains one SAE on `batches`, evaluates and analyses it, and writes its run directory `out_dir`.
+               lock: threading.Lock, rank: int = 0, world: int = 1) -> dict:  # fmt: skip
+    """Trains one SAE on `batches`, evaluates and analyses it, and writes its run directory `out_dir`
+    (continuing from the checkpoint in it with `cfg.resume`).
 
     `batches` are made in a background thread while the SAE trains; when streamed, up to half a shuffle
-    buffer ahead, so the forwards that refill the buffer overlap training. Model forwards hold `lock`."""
+    buffer ahead, so the forwards that refill the buffer overlap training. Model forwards hold `lock`.
+    Data-parallel ranks other than 0 only train, and return {}."""
     device = harvest.resolve_device(cfg.model.device)
-    job = dataclasses.replace(cfg, sae=sae_cfg, saes=[], run_dir=str(final_dir))
-    run = _wandb_run(job, out_dir)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    job = dataclasses.replace(cfg, sae=sae_cfg, saes=[], run_dir=str(final_dir), resume=False)
+    checkpoint = out_dir / "checkpoint"
+    found = find_checkpoint(checkpoint) if cfg.resume else None
+    run_id = json.loads((found / "state.json").read_text()).get("wandb_id") if found else None
+    run = _wandb_run(job, out_dir, run_id) if rank == 0 else _NoRun()
     evaluate = None
-    if cfg.eval.train_loss_contexts:
+    if cfg.eval.train_loss_contexts and rank == 0:
         loss = functools.partial(loss_recovered, model=model, tokenizer=tokenizer, module=module,
                                  model_cfg=cfg.model, data=cfg.data, n_contexts=cfg.eval.train_loss_contexts,
                                  progress=False)  # fmt: skip
         evaluate = _locked(loss, lock)
-    depth = 2 if cfg.train.in_memory else max(2, cfg.train.buffer_tokens // 2 // cfg.train.batch_size)
+    local_batch = cfg.train.batch_size // world
+    depth = 2 if cfg.train.in_memory else max(2, cfg.train.buffer_tokens // 2 // local_batch)
     ahead = harvest.prefetch(batches, depth)
+    exit_code = 0
     try:
         try:
-            sae = train(sae_cfg, cfg.train, ahead, log=_logger(run), checkpoint_dir=out_dir / "checkpoint",
-                        device=device, evaluate=evaluate)  # fmt: skip
+            sae = train(sae_cfg, cfg.train, ahead, log=_logger(run) if rank == 0 else lambda m, s: None,
+                        checkpoint_dir=checkpoint, device=device, evaluate=evaluate, resume=cfg.resume,
+                        extra_state={"wandb_id": run.id} if run.id else None)  # fmt: skip
         finally:
             ahead.close()  # stops the producer before this thread runs the model
+        if rank != 0:
+            return {}
         trained = {f"{k}_harvest_train": v for k, v in peak_memory().items()}  # before evaluation's own peak
         stats = an.FeatureStats(sae.d_sae, cfg.analyze) if cfg.do_analyze else None
         tokens = max(cfg.eval.tokens, cfg.analyze.tokens if cfg.do_analyze else 0)
@@ -269,20 +309,75 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
         meta = {"model": cfg.model.name, "hook": module, "d_in": d_in}
         sae.save(out_dir, extra=meta | {"data": cfg.data.path, "context_size": cfg.data.context_size})
         write_json(out_dir / "run.json", dataclasses.asdict(job))
-        write_json(out_dir / "metrics.json", metrics)
         if stats is not None:
             write_analysis(stats, sae, model, tokenizer, cfg.analyze, out_dir, meta)
         formats.log_artifacts(run, out_dir)  # W&B copies the files now, before out_dir is renamed
+        write_json(out_dir / "metrics.json", metrics)  # last: its presence marks this SAE as finished
+    except Interrupted:
+        exit_code = 1  # W&B marks the run as stopped, and continues it on resume
+        raise
     finally:
-        run.finish()
+        run.finish(exit_code=exit_code)
     return metrics
+
+
+def _distributed(cfg: TrainJob) -> tuple[int, int]:
+    """(rank, world size): joins the process group torchrun describes in the environment (NCCL when the
+    model runs on CUDA, each rank on its own GPU; gloo on the CPU), or (0, 1) without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        cuda = harvest.resolve_device(cfg.model.device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if cfg.train.batch_size % world:
+        raise ValueError(
+            f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly among the "
+            f"{world} data-parallel processes; use a multiple of {world}"
+        )
+    return dist.get_rank(), world
+
+
+def _interrupted_checkpoint(tmp: Path) -> Path | None:
+    """The checkpoint an interrupted run left in its temporary directory `tmp`, if any."""
+    for candidate in [tmp / "checkpoint", *sorted(tmp.glob("*/checkpoint"))]:
+        found = find_checkpoint(candidate)
+        if found is not None:
+            return found
+    return None
+
+
+def _prepare_tmp(cfg: TrainJob, tmp: Path) -> None:
+    """Clears `tmp` for a fresh run, or keeps it for `cfg.resume`; refuses to discard a resumable run."""
+    waiting = _interrupted_checkpoint(tmp) if tmp.exists() else None
+    if waiting is not None and not cfg.resume:
+        step = json.loads((waiting / "state.json").read_text())["step"]
+        raise ValueError(
+            f"{tmp} holds an unfinished run of run_dir={cfg.run_dir!r}, checkpointed at step {step}: pass "
+            f"resume=true to continue it, or delete {tmp} to start over"
+        )
+    if waiting is None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True, exist_ok=True)
 
 
 def run_training(cfg: TrainJob) -> dict:
     """Harvest once, then train, evaluate on held-out rows and (if `do_analyze`) analyze each SAE of the job;
-    returns the metrics (for several SAEs, keyed by each one's directory name)."""
+    returns the metrics (for several SAEs, keyed by each one's directory name).
+
+    With `cfg.resume`, SAEs finished before the interruption are kept, the interrupted one continues from
+    its checkpoint, and the rest train as usual. Under torchrun each rank harvests its own share of the
+    context batches and trains with cfg.train.batch_size / world tokens a step; rank 0 writes the run."""
     start = time.time()
+    rank, world = _distributed(cfg)
     variants = sae_variants(cfg)
+    final = Path(cfg.run_dir)
+    tmp = final.with_name(final.name + ".tmp")
+    if cfg.resume and not tmp.exists() and (final / "metrics.json").exists():
+        print(f"run_dir={cfg.run_dir!r} is finished: nothing to resume")
+        return json.loads((final / "metrics.json").read_text())
     model, tokenizer = harvest.load_model(cfg.model)
     default = harvest.resolve_module(model, cfg.model)
     modules = [harvest.resolve_module(model, dataclasses.replace(cfg.model, module=v.hook)) if v.hook
@@ -292,52 +387,76 @@ def run_training(cfg: TrainJob) -> dict:
             f"{len(variants)} SAEs in `saes` need train.in_memory=true or a train.cache_dir (one harvest "
             "shared by all)"
         )
-    if not cfg.train.in_memory and cfg.train.buffer_tokens < 2 * cfg.train.batch_size:
+    local_batch = cfg.train.batch_size // world
+    if not cfg.train.in_memory and cfg.train.buffer_tokens < 2 * local_batch:
         raise ValueError(
             f"train.buffer_tokens={cfg.train.buffer_tokens} must be at least twice train.batch_size="
-            f"{cfg.train.batch_size} when streaming (train.in_memory=false): the shuffle buffer emits half of itself at a time"
+            f"{cfg.train.batch_size}{f' / {world} processes' if world > 1 else ''} when streaming "
+            "(train.in_memory=false): the shuffle buffer emits half of itself at a time"
         )
-    train_contexts = packed_contexts(cfg.data, tokenizer, "train", cfg.model.batch_size)
-    first = next(train_contexts)  # fails now on a bad corpus, before any long work
+    train_contexts = _train_contexts(cfg, tokenizer, rank, world)
+    first = next(train_contexts, None)  # fails now on a bad corpus, before any long work
+    if first is None:
+        raise ValueError(
+            f"data.path={cfg.data.path!r} gives rank {rank} of {world} data-parallel processes no context "
+            "batch: use fewer processes or more data"
+        )
     widths = {m: x.shape[-1] for m, x in harvest.capture(model, sorted(set(modules)), first.ids[:1]).items()}
     for v, m in zip(variants, modules):
         _check_width(v, widths[m])
     contexts = itertools.chain([first], train_contexts)
     cache = None
     if cfg.train.cache_dir:  # before the run directory: a cache of other settings fails here
-        cache = write_cache(cfg.train.cache_dir, model, sorted(set(modules)), contexts,
-                            cfg.train.harvest_tokens, cfg.model.max_norm_ratio, _cache_provenance(cfg))  # fmt: skip
+        if rank == 0:
+            cache = write_cache(cfg.train.cache_dir, model, sorted(set(modules)), contexts,
+                                cfg.train.harvest_tokens, cfg.model.max_norm_ratio, _cache_provenance(cfg))  # fmt: skip
+        if world > 1:
+            dist.barrier()  # the other ranks read the cache rank 0 wrote (on a filesystem they share)
+            cache = ActivationCache(cfg.train.cache_dir)
 
-    final = Path(cfg.run_dir)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    if rank == 0:
+        _prepare_tmp(cfg, tmp)
+    if world > 1:
+        dist.barrier()
     try:
         lock = threading.Lock()
-        if cfg.train.in_memory and cache is not None:
-            xs = {m: cache.load(m) for m in sorted(set(modules))}
-        elif cfg.train.in_memory:
-            xs = harvest_modules(model, sorted(set(modules)), contexts, cfg.train.harvest_tokens,
-                                 cfg.model.max_norm_ratio)  # fmt: skip
+        out_dirs = [(tmp, final) if len(variants) == 1 else (tmp / v.name, final / v.name) for v in variants]
         results = {}
-        for v, m in zip(variants, modules):
-            out_dir, final_dir = (tmp, final) if len(variants) == 1 else (tmp / v.name, final / v.name)
-            g = torch.Generator().manual_seed(cfg.train.seed)
+        for v, (out_dir, _) in zip(variants, out_dirs):
+            if cfg.resume and (out_dir / "metrics.json").exists():  # finished before the interruption
+                results[v.name] = json.loads((out_dir / "metrics.json").read_text())
+        pending = sorted({m for v, m in zip(variants, modules) if v.name not in results})
+        if cfg.train.in_memory and cache is not None:
+            xs = {m: cache.load(m) for m in pending}
+        elif cfg.train.in_memory:
+            xs = harvest_modules(model, pending, contexts, -(-cfg.train.harvest_tokens // world),
+                                 cfg.model.max_norm_ratio) if pending else {}  # fmt: skip
+        for v, m, (out_dir, final_dir) in zip(variants, modules, out_dirs):
+            if v.name in results:
+                continue
+            g = torch.Generator().manual_seed(cfg.train.seed + rank)
+            batches: Iterator[torch.Tensor]
             if cfg.train.in_memory:
-                batches = harvest.epochs(xs[m], cfg.train.batch_size, cfg.train.tokens, g)
+                x = xs[m][rank::world] if cache is not None and world > 1 else xs[m]
+                batches = harvest.epochs(x, local_batch, -(-cfg.train.tokens // world), g)
             elif cache is not None:
-                batches = cache.batches(m, cfg.train.batch_size, cfg.train.tokens, g, cfg.train.buffer_tokens)
+                batches = cache.batches(m, local_batch, -(-cfg.train.tokens // world), g,
+                                        cfg.train.buffer_tokens, shard=(rank, world))  # fmt: skip
             else:
-                batches = _streamed(cfg, model, tokenizer, m, lock)
+                batches = _streamed(cfg, model, tokenizer, m, lock, rank, world)
             results[v.name] = _train_one(
-                cfg, v, model, tokenizer, m, widths[m], batches, out_dir, final_dir, start, lock
+                cfg, v, model, tokenizer, m, widths[m], batches, out_dir, final_dir, start, lock, rank, world
             )
+        if rank != 0:
+            return {}
         if len(variants) > 1:
             write_json(tmp / "metrics.json", results)
         _replace_dir(tmp, final)
         for offline in sorted(final.glob("**/wandb/offline-run-*")):
             print(f"W&B offline run: upload it with `wandb sync {offline}`")
     except TrainingDiverged as e:
+        if rank != 0:
+            raise
         if e.checkpoint is None or not e.checkpoint.exists():
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -348,13 +467,22 @@ def run_training(cfg: TrainJob) -> dict:
         shutil.move(e.checkpoint, kept)
         shutil.rmtree(tmp, ignore_errors=True)
         raise TrainingDiverged(str(e).replace(str(e.checkpoint), str(kept)), kept) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        # Whatever stopped the run (a signal, a crash, a second Ctrl-C), a checkpoint it reached stays for
+        # resume=true; a run that reached none leaves nothing behind.
+        waiting = _interrupted_checkpoint(tmp) if rank == 0 else None
+        if rank == 0 and waiting is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif waiting is not None and not isinstance(e, Interrupted):
+            step = json.loads((waiting / "state.json").read_text())["step"]
+            print(f"{tmp} keeps the checkpoint of step {step}: run again with resume=true to continue from it",
+                  file=sys.stderr)  # fmt: skip
         raise
     peak = results[variants[0].name]
-    print(f"peak memory of harvest + training: host {peak['peak_rss_gb_harvest_train']:.2f} GiB RSS"
-          + (f", cuda {peak['peak_cuda_gb_harvest_train']:.2f} GiB" if "peak_cuda_gb_harvest_train" in peak else "")
-          + f"; of the whole run: host {peak_memory()['peak_rss_gb']:.2f} GiB")  # fmt: skip
+    if "peak_rss_gb_harvest_train" in peak:
+        print(f"peak memory of harvest + training: host {peak['peak_rss_gb_harvest_train']:.2f} GiB RSS"
+              + (f", cuda {peak['peak_cuda_gb_harvest_train']:.2f} GiB" if "peak_cuda_gb_harvest_train" in peak else "")
+              + f"; of the whole run: host {peak_memory()['peak_rss_gb']:.2f} GiB")  # fmt: skip
     return results[variants[0].name] if len(variants) == 1 else results
 
 
