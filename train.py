@@ -33,8 +33,9 @@ def main(cfg) -> None:
     try:
         metrics = run_training(job)
     except Interrupted as e:
-        print(f"{e}\nrun_dir={job.run_dir} is unfinished: run the same command with resume=true to continue it",
-              file=sys.stderr)  # fmt: skip
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"{e}\nrun_dir={job.run_dir} is unfinished: run the same command with resume=true to continue "
+                  "it", file=sys.stderr)  # fmt: skip
         sys.exit(128 + e.signum)  # the shell's code for death by that signal: schedulers read it as preempted
     finally:
         if dist.is_initialized():

@@ -494,7 +494,7 @@ def train(
                 # One all-reduce a step: gradients, firings, loss terms, buffers and whether any rank was told to stop.
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 parts = grads + [fired, torch.stack(list(losses.values())).detach()]
-                parts += [b.float() / world for b in shared] + [x.new_tensor([float(stop)])]
+                parts += [b.float() / world for b in shared] + [x.new_tensor([float(bool(received))])]
                 flat = torch.cat([t.flatten().float() for t in parts])
                 dist.all_reduce(flat)
                 pieces = flat.split([t.numel() for t in parts])
