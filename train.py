@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from sae.config import TrainJob, register_configs, to_dataclass
 from sae.pipeline import run_training
-from sae.train import Interrupted
+from sae.train import Interrupted, pass_on
 
 register_configs()
 
@@ -36,7 +36,7 @@ def main(cfg) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"{e}\nrun_dir={job.run_dir} is unfinished: run the same command with resume=true to continue "
                   "it", file=sys.stderr)  # fmt: skip
-        sys.exit(128 + e.signum)  # the shell's code for death by that signal: schedulers read it as preempted
+        pass_on(e.signum)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -309,10 +309,10 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
         meta = {"model": cfg.model.name, "hook": module, "d_in": d_in}
         sae.save(out_dir, extra=meta | {"data": cfg.data.path, "context_size": cfg.data.context_size})
         write_json(out_dir / "run.json", dataclasses.asdict(job))
+        write_json(out_dir / "metrics.json", metrics)
         if stats is not None:
             write_analysis(stats, sae, model, tokenizer, cfg.analyze, out_dir, meta)
         formats.log_artifacts(run, out_dir)  # W&B copies the files now, before out_dir is renamed
-        write_json(out_dir / "metrics.json", metrics)  # last: its presence marks this SAE as finished
     except Interrupted:
         exit_code = 1  # W&B marks the run as stopped, and continues it on resume
         raise
@@ -338,6 +338,13 @@ def _distributed(cfg: TrainJob) -> tuple[int, int]:
             f"{world} data-parallel processes; use a multiple of {world}"
         )
     return dist.get_rank(), world
+
+
+def _finished(out_dir: Path, analyzed: bool) -> bool:
+    """Whether the SAE in `out_dir` was evaluated (and analysed, with `analyzed`) to the end."""
+    return (out_dir / "metrics.json").exists() and (
+        not analyzed or (out_dir / "dashboard" / "index.html").exists()
+    )
 
 
 def _interrupted_checkpoint(tmp: Path) -> Path | None:
@@ -423,7 +430,7 @@ def run_training(cfg: TrainJob) -> dict:
         out_dirs = [(tmp, final) if len(variants) == 1 else (tmp / v.name, final / v.name) for v in variants]
         results = {}
         for v, (out_dir, _) in zip(variants, out_dirs):
-            if cfg.resume and (out_dir / "metrics.json").exists():  # finished before the interruption
+            if cfg.resume and _finished(out_dir, cfg.do_analyze):  # before the interruption
                 results[v.name] = json.loads((out_dir / "metrics.json").read_text())
         pending = sorted({m for v, m in zip(variants, modules) if v.name not in results})
         if cfg.train.in_memory and cache is not None:

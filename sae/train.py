@@ -24,7 +24,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -264,10 +264,15 @@ class Interrupted(Exception):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
+"""Signals that stop training after a checkpoint: SLURM's preemption and time-limit notices (SIGTERM, and the
+SIGUSR1/SIGUSR2 of `--signal=USR2@90`, which submitit uses), and Ctrl-C."""
+
+
 @contextlib.contextmanager
 def _stop_on_signals() -> Iterator[list[int]]:
-    """While inside, SIGTERM and SIGINT (SLURM's preemption notice, Ctrl-C) only record their number in the
-    yielded list, for the loop to stop at the end of the step; a second Ctrl-C interrupts at once."""
+    """While inside, the `STOP_SIGNALS` only record their number in the yielded list, for the loop to stop at
+    the end of the step; a second Ctrl-C interrupts at once. The previous handlers return on leaving."""
     received: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield received  # signal handlers can only be set in the main thread
@@ -278,12 +283,22 @@ def _stop_on_signals() -> Iterator[list[int]]:
             raise KeyboardInterrupt
         received.append(signum)
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, handle) for s in STOP_SIGNALS}
     try:
         yield received
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def pass_on(signum: int) -> NoReturn:
+    """Ends the process for a signal that stopped training, once its checkpoint is written: the handler that
+    was there before training gets it (submitit's, which requeues the SLURM job), else the process exits with
+    status 128 + signum, as the default action would report it."""
+    handler = signal.getsignal(signum)
+    if callable(handler) and handler is not signal.default_int_handler:
+        handler(signum, None)
+    sys.exit(128 + signum)
 
 
 def _world() -> tuple[int, int]:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,12 +118,23 @@ def _env() -> dict:
     return os.environ | {"WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
 
 
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Runs torchrun to the end; on a timeout its workers are killed too, not left waiting for each other."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.mark.parametrize("mode", ["train.in_memory=false", "train.in_memory=true"])
 def test_torchrun_shards_the_data_rank_0_writes_and_sigterm_then_resume_is_exact(tmp_path, corpus, mode):
     reference = tmp_path / "reference"
-    proc = subprocess.run(_torchrun(corpus, reference, mode), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _run(_torchrun(corpus, reference, mode))
     assert proc.stdout.count("run directory:") == 1  # rank 0 reports
     metrics = json.loads((reference / "metrics.json").read_text())
     assert metrics["fvu"] < 0.9 and not (tmp_path / "reference.tmp").exists()
@@ -139,8 +151,6 @@ def test_torchrun_shards_the_data_rank_0_writes_and_sigterm_then_resume_is_exact
     stopped = subprocess.Popen(_torchrun(corpus, run_dir, mode), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
     state_file = tmp_path / "run.tmp" / "checkpoint" / "state.json"
-    import time
-
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and stopped.poll() is None:
         try:
@@ -150,15 +160,17 @@ def test_torchrun_shards_the_data_rank_0_writes_and_sigterm_then_resume_is_exact
         except (OSError, ValueError):
             pass
         time.sleep(0.005)
-    _, stderr = stopped.communicate(timeout=120)
+    try:
+        _, stderr = stopped.communicate(timeout=120)
+    finally:
+        if stopped.poll() is None:
+            os.killpg(stopped.pid, signal.SIGKILL)
     assert stopped.returncode != 0 and "SIGTERM received: training stopped after step" in stderr, stderr[
         -3000:
     ]
     at = json.loads(state_file.read_text())["step"]
     assert 20 <= at < 200 and not run_dir.exists()
-    proc = subprocess.run(_torchrun(corpus, run_dir, mode, "resume=true"), cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _run(_torchrun(corpus, run_dir, mode, "resume=true"))
     a, b = load_file(str(run_dir / "sae.safetensors")), load_file(str(reference / "sae.safetensors"))
     for key in a:
         assert torch.equal(a[key], b[key]), key

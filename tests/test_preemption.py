@@ -2,6 +2,7 @@
 SIGTERM (SLURM's notice), and then resumed with resume=true ends with the very SAE of a run never stopped;
 what is left behind meanwhile, and what a run does with a checkpoint it was not told to resume."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -124,3 +125,68 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resume_gives_identical_weight
     # A finished run has nothing to resume.
     proc = _run(_command(corpus, run_dir, "streamed", "resume=true"))
     assert "is finished: nothing to resume" in proc.stdout
+
+
+def test_a_schedulers_own_handler_gets_the_signal_after_the_checkpoint(tmp_path, corpus):
+    # As under submitit, which handles SIGUSR2 (SLURM's time-limit notice) by requeueing the job.
+    marker = tmp_path / "requeued"
+    run_dir = tmp_path / "run"
+    wrapper = (
+        "import runpy, signal, sys\n"
+        "def requeue(signum, frame):\n"
+        f"    open({str(marker)!r}, 'w').write(str(signum))\n"
+        "    sys.exit(3)\n"
+        "signal.signal(signal.SIGUSR2, requeue)\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    cmd = [sys.executable, "-c", wrapper, *_command(corpus, run_dir, "in_memory")[1:]]
+    proc = _start_and_signal(cmd, tmp_path / "run.tmp" / "checkpoint", signal.SIGUSR2)
+    stderr = proc.stderr.read()  # type: ignore[union-attr]
+    assert proc.returncode == 3, stderr[-3000:]
+    assert marker.read_text() == str(int(signal.SIGUSR2))
+    assert "SIGUSR2 received: training stopped after step" in stderr
+    step = json.loads((tmp_path / "run.tmp" / "checkpoint" / "state.json").read_text())["step"]
+    assert f"after step {step};" in stderr
+
+
+def test_resuming_several_saes_keeps_the_finished_ones_and_continues_the_interrupted_one(
+    tmp_path, corpus, monkeypatch
+):
+    from conftest import tiny_job
+
+    from sae import pipeline
+    from sae.train import Interrupted
+
+    def job(name: str, **kw):
+        j = tiny_job(
+            tmp_path / name, corpus, train={"tokens": 40 * 256, "checkpoint_every": 5, "log_every": 5}
+        )
+        j.saes = [{"k": 4}, {"k": 8}]
+        return dataclasses.replace(j, **kw)
+
+    reference = pipeline.run_training(job("a"))
+    real_train, calls = pipeline.train, []
+
+    def stopped_in_the_second(*args, **kwargs):
+        calls.append(args[0].k)
+        if len(calls) == 2:  # SIGTERM arrives while the second SAE trains
+            log = kwargs["log"]
+            kwargs["log"] = lambda m, s: (log(m, s), s == 10 and os.kill(os.getpid(), signal.SIGTERM))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "train", stopped_in_the_second)
+    with pytest.raises(Interrupted, match="after step 11"):
+        pipeline.run_training(job("b"))
+    tmp = tmp_path / "b" / "run.tmp"
+    assert (tmp / "topk-k4-x2" / "metrics.json").exists() and not (
+        tmp / "topk-k8-x2" / "metrics.json"
+    ).exists()
+    calls.clear()
+    resumed = pipeline.run_training(job("b", resume=True))
+    assert calls == [8]  # the finished SAE is not trained again
+    for name in ("topk-k4-x2", "topk-k8-x2"):
+        assert resumed[name]["fvu"] == reference[name]["fvu"]
+        a = load_file(str(tmp_path / "a" / "run" / name / "sae.safetensors"))
+        b = load_file(str(tmp_path / "b" / "run" / name / "sae.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)

@@ -15,7 +15,7 @@ from sae import harvest
 from sae.config import SAEConfig, TrainConfig
 from sae.files import save_tensors, write_json
 from sae.model import SAE
-from sae.train import Interrupted, find_checkpoint, save_checkpoint, train
+from sae.train import Interrupted, find_checkpoint, pass_on, save_checkpoint, train
 
 D, B, STEPS = 16, 64, 40
 
@@ -189,7 +189,7 @@ def test_prefetch_state_belongs_to_the_last_item_consumed_not_the_producers_posi
     assert torch.equal(next(resumed), next(again))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2])
 def test_a_signal_stops_training_after_the_step_with_a_checkpoint_and_resume_is_exact(tmp_path, signum):
     make = streams()["in_memory"]
     reference = weights(train(SAE_CFG, cfg(), make(), checkpoint_dir=tmp_path / "a"))
@@ -203,6 +203,7 @@ def test_a_signal_stops_training_after_the_step_with_a_checkpoint_and_resume_is_
     assert caught.value.step == 11 and caught.value.checkpoint == tmp_path / "b"
     assert json.loads((tmp_path / "b" / "state.json").read_text())["step"] == 11  # not a multiple of 7
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     resumed = train(SAE_CFG, cfg(), make(), checkpoint_dir=tmp_path / "b", resume=True)
     assert_identical(weights(resumed), reference)
 
@@ -301,3 +302,17 @@ def test_save_checkpoint_replaces_the_directory_whole(tmp_path):
     assert sorted(p.name for p in ckpt.iterdir()) == ["cfg.json", "optimizer.safetensors", "sae.safetensors",
                                                       "state.json"]  # fmt: skip
     assert json.loads((ckpt / "state.json").read_text()) == {"step": 2, "world": 1, "stream": False}
+
+
+def test_pass_on_hands_the_signal_to_the_handler_there_before_or_exits_with_128_plus_it():
+    calls = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))  # as submitit's
+    try:
+        with pytest.raises(SystemExit) as caught:
+            pass_on(signal.SIGUSR2)
+        assert calls == [signal.SIGUSR2] and caught.value.code == 128 + signal.SIGUSR2
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    with pytest.raises(SystemExit) as caught:
+        pass_on(signal.SIGINT)  # Python's own Ctrl-C handler is not called: no KeyboardInterrupt traceback
+    assert caught.value.code == 130
