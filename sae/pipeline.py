@@ -36,7 +36,7 @@ from sae.config import (
     sae_variants,
 )
 from sae.data import Contexts, packed_contexts
-from sae.files import write_json
+from sae.files import read_json, write_json
 from sae.metrics import dead_fraction, firing_counts, spliced_losses
 from sae.model import SAE
 from sae.train import Interrupted, TrainingDiverged, find_checkpoint, train
@@ -275,7 +275,18 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
     job = dataclasses.replace(cfg, sae=sae_cfg, saes=[], run_dir=str(final_dir), resume=False)
     checkpoint = out_dir / "checkpoint"
     found = find_checkpoint(checkpoint) if cfg.resume else None
-    run_id = json.loads((found / "state.json").read_text()).get("wandb_id") if found else None
+    settings = _training_settings(job)
+    saved = read_json(found / "state.json", "checkpoint state") if found else {}
+    if found and "settings" in saved:
+        changed = sorted(k for k in settings.keys() | saved["settings"].keys()
+                         if settings.get(k) != saved["settings"].get(k))  # fmt: skip
+        if changed:
+            diff = ", ".join(f"{k}: {saved['settings'].get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise ValueError(
+                f"resume=true continues the run in {found} with the settings it started with, but {diff}; "
+                "restore them, or delete the unfinished run to start over with the new ones"
+            )
+    run_id = saved.get("wandb_id")
     run = _wandb_run(job, out_dir, run_id) if rank == 0 else _NoRun()
     evaluate = None
     if cfg.eval.train_loss_contexts and rank == 0:
@@ -291,7 +302,7 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
         try:
             sae = train(sae_cfg, cfg.train, ahead, log=_logger(run) if rank == 0 else lambda m, s: None,
                         checkpoint_dir=checkpoint, device=device, evaluate=evaluate, resume=cfg.resume,
-                        extra_state={"wandb_id": run.id} if run.id else None)  # fmt: skip
+                        extra_state={"settings": settings} | ({"wandb_id": run.id} if run.id else {}))  # fmt: skip
         finally:
             ahead.close()  # stops the producer before this thread runs the model
         if rank != 0:
@@ -321,6 +332,18 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
     return metrics
 
 
+def _training_settings(job: TrainJob) -> dict:
+    """What decides a run's training, flattened (`train.lr`: value): model, data, SAE and training settings.
+    A resumed run must have the same; evaluation, analysis and logging settings may change."""
+    flat = {}
+    for group in ("model", "data", "sae", "train"):
+        for key, value in dataclasses.asdict(getattr(job, group)).items():
+            flat[f"{group}.{key}"] = list(value) if isinstance(value, tuple) else value
+    for key in ("train.eval_every", "train.log_every", "train.checkpoint_every", "model.device"):
+        flat.pop(key)
+    return flat
+
+
 def _distributed(cfg: TrainJob) -> tuple[int, int]:
     """(rank, world size): joins the process group torchrun describes in the environment (NCCL when the
     model runs on CUDA, each rank on its own GPU; gloo on the CPU), or (0, 1) without torchrun."""
@@ -348,12 +371,11 @@ def _finished(out_dir: Path, analyzed: bool) -> bool:
 
 
 def _interrupted_checkpoint(tmp: Path) -> Path | None:
-    """The checkpoint an interrupted run left in its temporary directory `tmp`, if any."""
-    for candidate in [tmp / "checkpoint", *sorted(tmp.glob("*/checkpoint"))]:
-        found = find_checkpoint(candidate)
-        if found is not None:
-            return found
-    return None
+    """The checkpoint an interrupted run left in its temporary directory `tmp`, if any: that of an SAE not
+    finished, else any."""
+    found = [c for c in map(find_checkpoint, [tmp / "checkpoint", *sorted(tmp.glob("*/checkpoint"))]) if c]
+    unfinished = [c for c in found if not (c.parent / "metrics.json").exists()]
+    return (unfinished or found)[0] if found else None
 
 
 def _prepare_tmp(cfg: TrainJob, tmp: Path) -> None:

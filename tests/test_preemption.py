@@ -182,6 +182,12 @@ def test_resuming_several_saes_keeps_the_finished_ones_and_continues_the_interru
     assert (tmp / "topk-k4-x2" / "metrics.json").exists() and not (
         tmp / "topk-k8-x2" / "metrics.json"
     ).exists()
+    changed = job("b", resume=True)
+    changed.train.lr = 3e-3
+    with pytest.raises(ValueError, match=r"topk-k8-x2/checkpoint with the settings it started with, but "
+                                         r"train.lr: None -> 0.003; restore them"):  # fmt: skip
+        pipeline.run_training(changed)
+    assert (tmp / "topk-k8-x2" / "checkpoint" / "state.json").exists()  # refused, and nothing lost
     calls.clear()
     resumed = pipeline.run_training(job("b", resume=True))
     assert calls == [8]  # the finished SAE is not trained again
