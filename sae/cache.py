@@ -298,7 +298,7 @@ class ActivationCache:
                             buffer_tokens)  # fmt: skip
 
 
-class CacheBatches:
+class CacheBatches(harvest.Stream):
     """The batches of `ActivationCache.batches`, resumable: `state()` is the position after the last batch
     served (this pass's shard order, the shuffle buffer's state, tokens served), `restore(state)` continues
     from it."""
@@ -310,7 +310,6 @@ class CacheBatches:
         self._order: list[int] | None = None  # this pass's shards, in reading order
         self._pass: harvest.Shuffled | None = None
         self._served = 0
-        self._it: Iterator[torch.Tensor] | None = None
 
     def _new_pass(self, order: list[int]) -> harvest.Shuffled:
         self._order = order
@@ -324,8 +323,7 @@ class CacheBatches:
         }
 
     def restore(self, state: dict[str, Any]) -> None:
-        if self._it is not None:
-            raise RuntimeError("restore() must come before iterating")
+        self._unstarted()
         self._served = state["served"]
         self.generator.set_state(state["generator"])
         if state["order"] is not None:
@@ -333,14 +331,6 @@ class CacheBatches:
             self._pass.restore(
                 {k.removeprefix("pass."): v for k, v in state.items() if k.startswith("pass.")}
             )
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        if self._it is None:
-            self._it = self._run()
-        return next(self._it)
 
     def _run(self) -> Iterator[torch.Tensor]:
         while True:

@@ -235,7 +235,37 @@ def activations(
             return
 
 
-class Shuffled:
+class Stream:
+    """An iterator of [B, D] batches whose position can be saved and resumed: `state()` is a flat dict (JSON
+    values and tensors) describing the position after the last batch served, and `restore(state)`, called
+    before iterating, continues from it with the very batches that would have come next. Subclasses write
+    the batches in `_run()`."""
+
+    _it: Iterator[torch.Tensor] | None = None
+
+    def state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def restore(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> Iterator[torch.Tensor]:
+        raise NotImplementedError
+
+    def _unstarted(self) -> None:
+        if self._it is not None:
+            raise RuntimeError("restore() must come before iterating")
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._it is None:
+            self._it = self._run()
+        return next(self._it)
+
+
+class Shuffled(Stream):
     """Token-level shuffle of a stream of [B, D] chunks into [batch_size, D] batches, resumable.
 
     Fills a buffer of about `capacity` tokens, permutes it, emits half and keeps the other half to mix with
@@ -255,7 +285,6 @@ class Shuffled:
         self._to_emit = 0
         self._final = False  # the source ended: serve the rest and stop
         self._consumed = 0  # source chunks consumed
-        self._it: Iterator[torch.Tensor] | None = None
 
     def state(self) -> dict[str, Any]:
         rest = self._rest if self._rest is not None else torch.zeros(0)
@@ -263,19 +292,10 @@ class Shuffled:
                 "generator": self.generator.get_state()}  # fmt: skip
 
     def restore(self, state: dict[str, Any]) -> None:
-        if self._it is not None:
-            raise RuntimeError("restore() must come before iterating")
+        self._unstarted()
         self._consumed, self._to_emit, self._final = state["consumed"], state["to_emit"], state["final"]
         self._rest = state["rest"] if state["rest"].dim() == 2 else None
         self.generator.set_state(state["generator"])
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        if self._it is None:
-            self._it = self._run()
-        return next(self._it)
 
     def _permute(self, chunks: list[torch.Tensor]) -> torch.Tensor:
         device = chunks[-1].device
@@ -312,7 +332,7 @@ class Shuffled:
             self._to_emit = len(self._rest) // B if self._final else len(self._rest) // 2 // B
 
 
-class Epochs:
+class Epochs(Stream):
     """Shuffled [batch_size, D] batches drawn from in-memory tokens x [B, D], pass after pass, until `tokens`;
     resumable like `Shuffled` (its state: the generator before this pass's permutation, the offset into it
     and the tokens served)."""
@@ -328,7 +348,6 @@ class Epochs:
             None  # the generator's state before this pass's permutation
         )
         self._offset = self._served = 0
-        self._it: Iterator[torch.Tensor] | None = None
 
     def state(self) -> dict[str, Any]:
         before = self._pass_generator if self._pass_generator is not None else self.generator.get_state()
@@ -336,19 +355,10 @@ class Epochs:
                 "in_pass": self._pass_generator is not None}  # fmt: skip
 
     def restore(self, state: dict[str, Any]) -> None:
-        if self._it is not None:
-            raise RuntimeError("restore() must come before iterating")
+        self._unstarted()
         self.generator.set_state(state["generator"])
         self._offset, self._served = state["offset"], state["served"]
         self._pass_generator = state["generator"] if state["in_pass"] else None
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        return self
-
-    def __next__(self) -> torch.Tensor:
-        if self._it is None:
-            self._it = self._run()
-        return next(self._it)
 
     def _run(self) -> Iterator[torch.Tensor]:
         x, B = self.x, self.batch_size
@@ -393,26 +403,6 @@ class Prefetch(Generic[T]):
     def restore(self, state: dict[str, Any]) -> None:
         self.items.restore(state)  # type: ignore[attr-defined]
 
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _produce(self) -> None:
-        try:
-            for item in self.items:
-                state = self.items.state() if self.resumable else None  # type: ignore[attr-defined]
-                if not self._put((None, item, state)):
-                    return
-        except BaseException as e:  # handed to the consumer
-            self._put((e, None, None))
-            return
-        self._put((None, _DONE, None))
-
     def __iter__(self) -> "Prefetch[T]":
         return self
 
@@ -420,7 +410,10 @@ class Prefetch(Generic[T]):
         if self._done:
             raise StopIteration
         if self._thread is None:
-            self._thread = threading.Thread(target=self._produce, daemon=True, name="prefetch")
+            # The thread holds no reference to this object, so one dropped without close() is collected
+            # and its __del__ stops the producer.
+            args = (self.items, self.resumable, self._q, self._stop)
+            self._thread = threading.Thread(target=_produce, args=args, daemon=True, name="prefetch")
             self._thread.start()
         error, item, state = self._q.get()
         if error is not None:
@@ -439,8 +432,33 @@ class Prefetch(Generic[T]):
         if self._thread is not None:
             self._thread.join()
 
+    def __del__(self) -> None:
+        self._stop.set()
+
 
 _DONE = object()
+
+
+def _produce(items: Iterable, resumable: bool, q: queue.Queue, stop: threading.Event) -> None:
+    """`Prefetch`'s producer: puts (error, item, state after it) into `q` until `items` ends or `stop` is set."""
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        for item in items:
+            if not put((None, item, items.state() if resumable else None)):  # type: ignore[attr-defined]
+                return
+    except BaseException as e:  # handed to the consumer
+        put((e, None, None))
+        return
+    put((None, _DONE, None))
 
 
 def shuffled(

@@ -276,3 +276,13 @@ def test_closing_prefetch_stops_the_producer():
     time.sleep(0.05)
     assert len(produced) == n <= 5 + 3 + 1
     assert not any(t.name == "prefetch" for t in threading.enumerate())
+
+
+def test_a_prefetch_dropped_without_close_stops_its_producer():
+    ahead = harvest.prefetch(itertools.count(), depth=2)
+    assert next(ahead) == 0
+    thread = ahead._thread
+    del ahead  # garbage: its producer must not run on forever
+    assert thread is not None
+    thread.join(timeout=5)
+    assert not thread.is_alive()
