@@ -350,16 +350,16 @@ def _distributed(cfg: TrainJob) -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-    if not dist.is_initialized():
-        cuda = harvest.resolve_device(cfg.model.device).type == "cuda"
-        if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
     if cfg.train.batch_size % world:
         raise ValueError(
             f"train.batch_size={cfg.train.batch_size} is the global batch and must divide evenly among the "
             f"{world} data-parallel processes; use a multiple of {world}"
         )
+    if not dist.is_initialized():
+        cuda = harvest.resolve_device(cfg.model.device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_rank(), world
 
 

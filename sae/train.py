@@ -357,8 +357,8 @@ def train(
     added to their state.json. With `resume`, training continues from the checkpoint there (if any) exactly
     as if it had never stopped: a resumable stream (`state()`/`restore()`, as `harvest.Shuffled`, `Epochs`
     and `Prefetch` over them) is restored to its saved position, any other iterable is advanced past the
-    batches already trained on. SIGTERM/SIGINT end the current step, write a checkpoint and raise
-    `Interrupted`.
+    batches already trained on. The `STOP_SIGNALS` (SIGTERM, SIGINT, SIGUSR1/2) end the current step, write a
+    checkpoint and raise `Interrupted`.
 
     Data-parallel: inside a torch.distributed group of W processes, each passes its own batches of
     cfg.batch_size / W tokens; the loss terms are weighted so the summed gradients are those of one process

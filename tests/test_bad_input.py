@@ -208,3 +208,9 @@ def test_an_sae_of_another_width_than_the_model_fails_to_load(tmp_path):
         Explorer.load(run)
     for word in ("d_in=16", "model.layers.1", "model.name='tiny'", "width 64"):
         assert word in str(info.value), str(info.value)
+
+
+def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path, corpus, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node=3 sets it
+    _fails_cleanly(tiny_job(tmp_path, corpus), ValueError,
+                   ["train.batch_size=256", "3 data-parallel processes", "a multiple of 3"])  # fmt: skip
