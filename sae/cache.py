@@ -283,18 +283,24 @@ class ActivationCache:
 
         Each pass reads the shards in a random order through a shuffle buffer of about `buffer_tokens`
         tokens (`harvest.Shuffled`), so memory stays bounded however large the cache. Within a pass each
-        token is served at most once: all but fewer than `batch_size` of them. `shard=(rank, world)` reads
-        only every world-th shard from the rank-th on (data-parallel training).
+        token is served at most once: all but fewer than `batch_size` of them. `shard=(rank, world)` serves
+        one data-parallel rank its share: every world-th shard from the rank-th on, or, in a cache of fewer
+        shards than ranks, every world-th token of each shard.
         """
         key = self._key(module)
-        shards = list(range(len(self.meta["shards"])))[shard[0] :: shard[1]]
-        held = sum(self.meta["shards"][i]["tokens"] for i in shards)
+        rank, world = shard
+        counts = [s["tokens"] for s in self.meta["shards"]]
+        if len(counts) >= world:
+            shards, rows = list(range(len(counts)))[rank::world], slice(None)
+        else:
+            shards, rows = list(range(len(counts))), slice(rank, None, world)
+        held = sum(len(range(counts[i])[rows]) for i in shards)
         if held < batch_size:
-            part = f" (shard {shard[0]} of {shard[1]}: {len(shards)} shards)" if shard[1] > 1 else ""
+            part = f" (rank {rank}'s share of {world})" if world > 1 else ""
             raise ValueError(
                 f"activation cache {self.dir} holds {held} tokens{part}, fewer than one batch of {batch_size}"
             )
-        return CacheBatches(lambda i: self._read(i, key).float(), shards, batch_size, tokens, generator,
+        return CacheBatches(lambda i: self._read(i, key)[rows].float(), shards, batch_size, tokens, generator,
                             buffer_tokens)  # fmt: skip
 
 

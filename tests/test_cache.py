@@ -1,5 +1,6 @@
 """The activation cache: what it stores, resuming, bad caches, shuffled reading, and the pipeline using it."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -335,3 +336,16 @@ def test_streaming_without_a_cache_evaluates_while_the_next_batches_are_harveste
     job.eval.train_loss_contexts, job.eval.loss_contexts = 2, 0
     metrics = pl.run_training(job)
     assert metrics["l0"] == pytest.approx(8, abs=0.01) and metrics["peak_rss_gb"] > 0.1
+
+
+@pytest.mark.parametrize("world", [2, 3, 16])
+def test_data_parallel_ranks_serve_disjoint_shares_that_cover_the_cache(tmp_path, world):
+    cache = _numbered(tmp_path)  # 10 shards of 96 tokens; 16 ranks split tokens within shards instead
+    shares = []
+    for rank in range(world):
+        stream = cache.batches("m", 16, 10**9, torch.Generator().manual_seed(rank), 200, shard=(rank, world))
+        rows = 96 if world <= 10 else len(range(96)[rank::world])  # tokens it reads of each of its shards
+        per_pass = len(stream.shards) * rows // 16
+        shares.append({int(t) for b in itertools.islice(stream, per_pass) for t in b[:, 0]})
+    assert all(not (a & b) for i, a in enumerate(shares) for b in shares[i + 1 :])
+    assert sum(len(s) for s in shares) > 960 - 16 * world  # all but each rank's last partial batch

@@ -174,3 +174,14 @@ def test_torchrun_shards_the_data_rank_0_writes_and_sigterm_then_resume_is_exact
     a, b = load_file(str(run_dir / "sae.safetensors")), load_file(str(reference / "sae.safetensors"))
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_torchrun_with_an_activation_cache_rank_0_harvests_and_every_rank_reads_its_share(tmp_path, corpus):
+    cache = tmp_path / "cache"
+    _run(_torchrun(corpus, tmp_path / "run", "train.in_memory=false", f"train.cache_dir={cache}"))
+    meta = json.loads((cache / "meta.json").read_text())
+    assert meta["complete"] and meta["tokens"] >= 4096
+    ckpt = tmp_path / "run" / "checkpoint"
+    streams = [json.loads((ckpt / f"stream-rank{r}.json").read_text()) for r in range(2)]
+    assert all(s["served"] == 200 * 128 for s in streams)  # each rank served its half of every step
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["fvu"] < 0.9
