@@ -6,6 +6,7 @@ input (model, module, data, sizes) is checked before the long work starts.
 """
 
 import dataclasses
+import datetime
 import functools
 import itertools
 import json
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 
 from sae import analyze as an
 from sae import formats, harvest, site
-from sae.cache import ActivationCache, write_cache
+from sae.cache import write_cache
 from sae.config import (
     AnalyzeConfig,
     AnalyzeJob,
@@ -85,7 +86,7 @@ def _streamed(cfg: TrainJob, model, tokenizer, module: str, lock: threading.Lock
               world: int = 1) -> harvest.Shuffled:  # fmt: skip
     """Activations harvested on the fly through the shuffle buffer, passing over the corpus (this rank's
     share of it) repeatedly; resumable. The source's position is the count of context batches consumed: a
-    resumed stream skips that many without running the model.
+    resumed stream skips that many without running the model (reading at most two passes to do so).
 
     Each forward holds `lock`: the stream is produced in a background thread (`harvest.prefetch`), and
     forward hooks are per module, not per thread, so another forward of the model (the in-training
@@ -93,10 +94,14 @@ def _streamed(cfg: TrainJob, model, tokenizer, module: str, lock: threading.Lock
     g = torch.Generator().manual_seed(cfg.train.seed + rank)
 
     def chunks(start: int) -> Iterator[torch.Tensor]:
-        seen = 0
+        seen, per_pass = 0, 0
         for _ in itertools.count():
+            if per_pass and seen + per_pass <= start:  # a whole pass to skip: no need to read it
+                seen += (start - seen) // per_pass * per_pass
+            count = 0
             for batch in _train_contexts(cfg, tokenizer, rank, world):
                 seen += 1
+                count += 1
                 if seen <= start:
                     continue
                 with lock:
@@ -104,6 +109,7 @@ def _streamed(cfg: TrainJob, model, tokenizer, module: str, lock: threading.Lock
                         harvest.activations(model, module, [batch], None, cfg.model.max_norm_ratio)
                     )
                 yield x
+            per_pass = count
 
     return harvest.Shuffled(chunks, cfg.train.buffer_tokens, cfg.train.batch_size // world, g)
 
@@ -339,7 +345,8 @@ def _training_settings(job: TrainJob) -> dict:
     for group in ("model", "data", "sae", "train"):
         for key, value in dataclasses.asdict(getattr(job, group)).items():
             flat[f"{group}.{key}"] = list(value) if isinstance(value, tuple) else value
-    for key in ("train.eval_every", "train.log_every", "train.checkpoint_every", "model.device"):
+    # log_every stays: the dead latents AuxK uses are refreshed at log steps.
+    for key in ("train.eval_every", "train.checkpoint_every", "model.device"):
         flat.pop(key)
     return flat
 
@@ -359,8 +366,27 @@ def _distributed(cfg: TrainJob) -> tuple[int, int]:
         cuda = harvest.resolve_device(cfg.model.device).type == "cuda"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # Ranks other than 0 wait in a collective while rank 0 alone evaluates and analyses an SAE of a `saes`
+        # list; the default timeout (10 min for NCCL) is shorter than that can take.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return dist.get_rank(), world
+
+
+def _same_finished_run(cfg: TrainJob, variants: list[SAEConfig], final: Path) -> bool:
+    """Whether `final` holds a finished run of every SAE of `cfg`, with the same training settings."""
+    if not (final / "metrics.json").exists():
+        return False
+    for v in variants:
+        run_json = (final if len(variants) == 1 else final / v.name) / "run.json"
+        if not run_json.exists():
+            return False
+        try:
+            done = from_dict(TrainJob, json.loads(run_json.read_text()))
+        except (ValueError, TypeError):
+            return False
+        if _training_settings(done) != _training_settings(dataclasses.replace(cfg, sae=v, saes=[])):
+            return False
+    return True
 
 
 def _finished(out_dir: Path, analyzed: bool) -> bool:
@@ -382,7 +408,7 @@ def _prepare_tmp(cfg: TrainJob, tmp: Path) -> None:
     """Clears `tmp` for a fresh run, or keeps it for `cfg.resume`; refuses to discard a resumable run."""
     waiting = _interrupted_checkpoint(tmp) if tmp.exists() else None
     if waiting is not None and not cfg.resume:
-        step = json.loads((waiting / "state.json").read_text())["step"]
+        step = read_json(waiting / "state.json", "checkpoint state").get("step", "?")
         raise ValueError(
             f"{tmp} holds an unfinished run of run_dir={cfg.run_dir!r}, checkpointed at step {step}: pass "
             f"resume=true to continue it, or delete {tmp} to start over"
@@ -404,8 +430,8 @@ def run_training(cfg: TrainJob) -> dict:
     variants = sae_variants(cfg)
     final = Path(cfg.run_dir)
     tmp = final.with_name(final.name + ".tmp")
-    if cfg.resume and not tmp.exists() and (final / "metrics.json").exists():
-        print(f"run_dir={cfg.run_dir!r} is finished: nothing to resume")
+    if cfg.resume and not tmp.exists() and _same_finished_run(cfg, variants, final):
+        print(f"run_dir={cfg.run_dir!r} is finished with these settings: nothing to resume")
         return json.loads((final / "metrics.json").read_text())
     model, tokenizer = harvest.load_model(cfg.model)
     default = harvest.resolve_module(model, cfg.model)
@@ -436,12 +462,14 @@ def run_training(cfg: TrainJob) -> dict:
     contexts = itertools.chain([first], train_contexts)
     cache = None
     if cfg.train.cache_dir:  # before the run directory: a cache of other settings fails here
-        if rank == 0:
-            cache = write_cache(cfg.train.cache_dir, model, sorted(set(modules)), contexts,
-                                cfg.train.harvest_tokens, cfg.model.max_norm_ratio, _cache_provenance(cfg))  # fmt: skip
-        if world > 1:
-            dist.barrier()  # the other ranks read the cache rank 0 wrote (on a filesystem they share)
-            cache = ActivationCache(cfg.train.cache_dir)
+        # Data-parallel ranks all call it on the whole corpus: the first to take the cache's file lock
+        # harvests, the others wait on the lock (not a collective, which would time out) and then reuse it,
+        # so the cache is the one a single process would write.
+        whole = (
+            contexts if world == 1 else packed_contexts(cfg.data, tokenizer, "train", cfg.model.batch_size)
+        )
+        cache = write_cache(cfg.train.cache_dir, model, sorted(set(modules)), whole, cfg.train.harvest_tokens,
+                            cfg.model.max_norm_ratio, _cache_provenance(cfg))  # fmt: skip
 
     if rank == 0:
         _prepare_tmp(cfg, tmp)
@@ -456,18 +484,19 @@ def run_training(cfg: TrainJob) -> dict:
                 results[v.name] = json.loads((out_dir / "metrics.json").read_text())
         pending = sorted({m for v, m in zip(variants, modules) if v.name not in results})
         if cfg.train.in_memory and cache is not None:
-            xs = {m: cache.load(m) for m in pending}
-        elif cfg.train.in_memory:
-            xs = harvest_modules(model, pending, contexts, -(-cfg.train.harvest_tokens // world),
-                                 cfg.model.max_norm_ratio) if pending else {}  # fmt: skip
+            # Each rank keeps every W-th token (a copy, so the whole cache is freed).
+            xs = {m: cache.load(m)[rank::world].clone() if world > 1 else cache.load(m) for m in pending}
+        elif cfg.train.in_memory and pending:
+            # All modules, as the first attempt harvested them: the same tokens whichever SAEs are left.
+            xs = harvest_modules(model, sorted(set(modules)), contexts, -(-cfg.train.harvest_tokens // world),
+                                 cfg.model.max_norm_ratio)  # fmt: skip
         for v, m, (out_dir, final_dir) in zip(variants, modules, out_dirs):
             if v.name in results:
                 continue
             g = torch.Generator().manual_seed(cfg.train.seed + rank)
             batches: Iterator[torch.Tensor]
             if cfg.train.in_memory:
-                x = xs[m][rank::world] if cache is not None and world > 1 else xs[m]
-                batches = harvest.epochs(x, local_batch, -(-cfg.train.tokens // world), g)
+                batches = harvest.epochs(xs[m], local_batch, -(-cfg.train.tokens // world), g)
             elif cache is not None:
                 batches = cache.batches(m, local_batch, -(-cfg.train.tokens // world), g,
                                         cfg.train.buffer_tokens, shard=(rank, world))  # fmt: skip
@@ -503,8 +532,7 @@ def run_training(cfg: TrainJob) -> dict:
         if rank == 0 and waiting is None:
             shutil.rmtree(tmp, ignore_errors=True)
         elif waiting is not None and not isinstance(e, Interrupted):
-            step = json.loads((waiting / "state.json").read_text())["step"]
-            print(f"{tmp} keeps the checkpoint of step {step}: run again with resume=true to continue from it",
+            print(f"{tmp} keeps its checkpoint {waiting}: run again with resume=true to continue from it",
                   file=sys.stderr)  # fmt: skip
         raise
     peak = results[variants[0].name]

@@ -16,6 +16,7 @@
 import contextlib
 import ctypes
 import math
+import os
 import shutil
 import signal
 import sys
@@ -138,6 +139,18 @@ def _save_stream(path: Path, rank: int, state: dict[str, Any]) -> None:
     write_json(path / f"stream-rank{rank}.json", values)
 
 
+def _sync(directory: Path) -> None:
+    """fsyncs the files in `directory`, then the directory itself (its entries)."""
+    for item in [*directory.iterdir(), directory]:
+        if item.is_dir() and item != directory:
+            continue
+        fd = os.open(item, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
@@ -168,10 +181,12 @@ def save_checkpoint(sae: SAE, opt: torch.optim.Optimizer, state: dict, path: Pat
         if loop is not None:
             save_tensors(new / "loop.safetensors", loop)
         write_json(new / "state.json", state | {"world": world, "stream": stream is not None})
+        _sync(new)  # on disk before the renames, so a machine crash cannot leave renamed, unwritten files
         if path.exists():
             shutil.rmtree(old, ignore_errors=True)
             path.rename(old)
         new.rename(path)
+        _sync(path.parent)
         shutil.rmtree(old, ignore_errors=True)
     _barrier(world)
 
@@ -319,7 +334,7 @@ def _rank_weights(
     """
     residual = (x - x_hat).detach()
     stats = [x.sum(0), x.pow(2).sum()[None], residual.sum(0), residual.pow(2).sum()[None]]
-    n = x.new_tensor([len(x)])
+    n = torch.full((1,), float(len(x)), device=x.device)  # not new_tensor: a host-to-device copy waits
     local = torch.cat(stats + [n]).double()
     total = local.clone()
     dist.all_reduce(total)
@@ -330,9 +345,8 @@ def _rank_weights(
 
     (x_local, r_local), (x_all, r_all) = centered(local), centered(total)
     w_x, w_r = (x_local / x_all.clamp_min(1e-12)).float(), (r_local / r_all.clamp_min(1e-12)).float()
-    return {
-        k: w_r if k == "auxk" else x.new_tensor(1 / world) if k.endswith("penalty") else w_x for k in keys
-    }
+    mean = torch.full((), 1 / world, device=x.device)
+    return {k: w_r if k == "auxk" else mean if k.endswith("penalty") else w_x for k in keys}
 
 
 def train(
@@ -509,7 +523,9 @@ def train(
                 # One all-reduce a step: gradients, firings, loss terms, buffers and whether any rank was told to stop.
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 parts = grads + [fired, torch.stack(list(losses.values())).detach()]
-                parts += [b.float() / world for b in shared] + [x.new_tensor([float(bool(received))])]
+                parts += [b.float() / world for b in shared] + [
+                    torch.full((1,), float(bool(received)), device=x.device)
+                ]
                 flat = torch.cat([t.flatten().float() for t in parts])
                 dist.all_reduce(flat)
                 pieces = flat.split([t.numel() for t in parts])
@@ -522,6 +538,10 @@ def train(
                     b.copy_(value.view_as(b))
                 # Read back every 10 steps, the same steps on every rank, so all stop after the same one.
                 stop = (step % 10 == 0 or step == steps - 1) and bool(pieces[-1].item())
+                if stop:  # which signal, for ranks that were not sent one themselves
+                    signum = torch.tensor([received[0] if received else 0], device=x.device)
+                    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+                    received[:] = [int(signum.item())]
             nonfinite.logical_or_(~torch.isfinite(loss))
             if sae.unit_decoder:
                 sae.remove_parallel_grad()
@@ -583,7 +603,7 @@ def train(
             if stop:
                 bar.close()
                 assert checkpoint_dir is not None
-                raise Interrupted(received[0] if received else signal.SIGTERM, step + 1, checkpoint_dir)
+                raise Interrupted(received[0], step + 1, checkpoint_dir)
     bar.close()
     check(done - 1)
     if checkpoint_dir is not None and saved != done:

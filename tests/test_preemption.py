@@ -124,7 +124,11 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resume_gives_identical_weight
     _assert_same_sae(run_dir, reference["streamed"])
     # A finished run has nothing to resume.
     proc = _run(_command(corpus, run_dir, "streamed", "resume=true"))
-    assert "is finished: nothing to resume" in proc.stdout
+    assert "is finished with these settings: nothing to resume" in proc.stdout
+    # With other settings there is nothing to resume either: it is a new run, trained from scratch.
+    proc = _run(_command(corpus, run_dir, "streamed", "resume=true", "train.lr=0.002"))
+    assert "nothing to resume" not in proc.stdout and f"| 0/{STEPS} [" in proc.stderr
+    assert json.loads((run_dir / "run.json").read_text())["train"]["lr"] == 0.002
 
 
 def test_a_schedulers_own_handler_gets_the_signal_after_the_checkpoint(tmp_path, corpus):
@@ -162,7 +166,7 @@ def test_resuming_several_saes_keeps_the_finished_ones_and_continues_the_interru
         j = tiny_job(
             tmp_path / name, corpus, train={"tokens": 40 * 256, "checkpoint_every": 5, "log_every": 5}
         )
-        j.saes = [{"k": 4}, {"k": 8}]
+        j.saes = [{"k": 4}, {"k": 8, "hook": "resid.2"}]  # two hooks: a resumed harvest must take both
         return dataclasses.replace(j, **kw)
 
     reference = pipeline.run_training(job("a"))
@@ -180,19 +184,55 @@ def test_resuming_several_saes_keeps_the_finished_ones_and_continues_the_interru
         pipeline.run_training(job("b"))
     tmp = tmp_path / "b" / "run.tmp"
     assert (tmp / "topk-k4-x2" / "metrics.json").exists() and not (
-        tmp / "topk-k8-x2" / "metrics.json"
+        tmp / "topk-k8-x2-resid.2" / "metrics.json"
     ).exists()
     changed = job("b", resume=True)
     changed.train.lr = 3e-3
-    with pytest.raises(ValueError, match=r"topk-k8-x2/checkpoint with the settings it started with, but "
+    with pytest.raises(ValueError, match=r"topk-k8-x2-resid.2/checkpoint with the settings it started with, but "
                                          r"train.lr: None -> 0.003; restore them"):  # fmt: skip
         pipeline.run_training(changed)
-    assert (tmp / "topk-k8-x2" / "checkpoint" / "state.json").exists()  # refused, and nothing lost
+    assert (tmp / "topk-k8-x2-resid.2" / "checkpoint" / "state.json").exists()  # refused, and nothing lost
     calls.clear()
     resumed = pipeline.run_training(job("b", resume=True))
     assert calls == [8]  # the finished SAE is not trained again
-    for name in ("topk-k4-x2", "topk-k8-x2"):
+    for name in ("topk-k4-x2", "topk-k8-x2-resid.2"):
         assert resumed[name]["fvu"] == reference[name]["fvu"]
         a = load_file(str(tmp_path / "a" / "run" / name / "sae.safetensors"))
         b = load_file(str(tmp_path / "b" / "run" / name / "sae.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_resumed_stream_skips_whole_passes_without_reading_them(tmp_path, tiny, sentences, monkeypatch):
+    import threading
+
+    from conftest import tiny_job
+
+    from sae import pipeline
+
+    corpus = tmp_path / "small.jsonl"
+    corpus.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
+    job = tiny_job(tmp_path, corpus, train={"in_memory": False, "batch_size": 32, "buffer_tokens": 128})
+    job.model.batch_size = 1
+    model, tokenizer = tiny
+    module = "model.layers.1"
+
+    def stream():
+        return pipeline._streamed(job, model, tokenizer, module, threading.Lock())
+
+    first = stream()
+    for _ in zip(range(250), first):
+        pass
+    state = first.state()
+    per_pass = sum(1 for _ in pipeline._train_contexts(job, tokenizer))
+    assert state["consumed"] > 4 * per_pass  # the stream went round the small corpus several times
+
+    passes_read = []
+    contexts = pipeline._train_contexts
+    monkeypatch.setattr(pipeline, "_train_contexts", lambda *a: passes_read.append(1) or contexts(*a))
+    resumed = stream()
+    resumed.restore(state)
+    more = [b.clone() for _, b in zip(range(20), resumed)]
+    # The first pass is read for its length, then the resumed one; the ones between are skipped unread.
+    assert len(passes_read) <= 3
+    again = [b.clone() for _, b in zip(range(270), stream())][250:]
+    assert all(torch.equal(a, b) for a, b in zip(more, again))
