@@ -377,7 +377,8 @@ def train(
     Data-parallel: inside a torch.distributed group of W processes, each passes its own batches of
     cfg.batch_size / W tokens; the loss terms are weighted so the summed gradients are those of one process
     on all W batches together, and all ranks take identical steps. Rank 0 writes the checkpoint files
-    (each rank its own stream state); pass `log` and `evaluate` on rank 0 only.
+    (each rank its own stream state); pass `log` and `evaluate` on rank 0 only. Every rank must be given
+    at least as many batches as the run has steps (a rank whose batches end early leaves the others waiting).
     """
     device = torch.device(device)
     if device.type == "cpu":

@@ -184,4 +184,17 @@ def test_torchrun_with_an_activation_cache_rank_0_harvests_and_every_rank_reads_
     ckpt = tmp_path / "run" / "checkpoint"
     streams = [json.loads((ckpt / f"stream-rank{r}.json").read_text()) for r in range(2)]
     assert all(s["served"] == 200 * 128 for s in streams)  # each rank served its half of every step
+    # The cache has one shard, so rank r reads its tokens r, r + 2, ...: every token in a rank's shuffle buffer
+    # is one of its own (tokens whose activations occur more than once in the cache are not told apart).
+    (shard,) = cache.glob("shard-*.safetensors")
+    acts = next(v for k, v in load_file(str(shard)).items() if k.startswith("acts.")).float()
+    where: dict[tuple, list[int]] = {}
+    for i, row in enumerate(acts.tolist()):
+        where.setdefault(tuple(row), []).append(i)
+    for r in range(2):
+        rest = load_file(str(ckpt / f"stream-rank{r}.safetensors"))["pass.rest"]
+        found = [where[tuple(row)] for row in rest.tolist()]
+        unique = [i[0] for i in found if len(i) == 1]
+        assert len(unique) > 0.9 * len(rest) > 500
+        assert {i % 2 for i in unique} == {r}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["fvu"] < 0.9
