@@ -324,15 +324,12 @@ class CacheBatches(harvest.Stream):
 
     def state(self) -> dict[str, Any]:
         inner = self._pass.state() if self._pass is not None else {}
-        return {"order": self._order, "served": self._served, "generator": self.generator.get_state()} | {
-            f"pass.{k}": v for k, v in inner.items()
-        }
+        return {"order": self._order, "served": self._served} | {f"pass.{k}": v for k, v in inner.items()}
 
     def restore(self, state: dict[str, Any]) -> None:
         self._unstarted()
         self._served = state["served"]
-        self.generator.set_state(state["generator"])
-        if state["order"] is not None:
+        if state["order"] is not None:  # the pass's generator is this one: its restore sets it
             self._pass = self._new_pass(state["order"])
             self._pass.restore(
                 {k.removeprefix("pass."): v for k, v in state.items() if k.startswith("pass.")}

@@ -235,6 +235,11 @@ def activations(
             return
 
 
+def is_resumable(items: object) -> bool:
+    """Whether `items` can save and restore its position (`state()`/`restore()`; a `Prefetch` says)."""
+    return getattr(items, "resumable", hasattr(items, "state") and hasattr(items, "restore"))
+
+
 class Stream:
     """An iterator of [B, D] batches whose position can be saved and resumed: `state()` is a flat dict (JSON
     values and tensors) describing the position after the last batch served, and `restore(state)`, called
@@ -279,9 +284,8 @@ class Shuffled(Stream):
     def __init__(self, chunks: Callable[[int], Iterable[torch.Tensor]], capacity: int, batch_size: int,
                  generator: torch.Generator):  # fmt: skip
         self.chunks, self.capacity, self.batch_size, self.generator = chunks, capacity, batch_size, generator
-        self._rest: torch.Tensor | None = (
-            None  # permuted tokens: the next `_to_emit` batches, then those kept
-        )
+        # Permuted tokens: the next `_to_emit` batches, then those kept to mix with what comes next.
+        self._rest: torch.Tensor | None = None
         self._to_emit = 0
         self._final = False  # the source ended: serve the rest and stop
         self._consumed = 0  # source chunks consumed
@@ -344,9 +348,7 @@ class Epochs(Stream):
                 "raise train.harvest_tokens or lower train.batch_size"
             )
         self.x, self.batch_size, self.tokens, self.generator = x, batch_size, tokens, generator
-        self._pass_generator: torch.Tensor | None = (
-            None  # the generator's state before this pass's permutation
-        )
+        self._pass_generator: torch.Tensor | None = None  # the generator before this pass's permutation
         self._offset = self._served = 0
 
     def state(self) -> dict[str, Any]:
@@ -390,7 +392,7 @@ class Prefetch(Generic[T]):
 
     def __init__(self, items: Iterable[T], depth: int = 2):
         self.items, self.depth = items, depth
-        self.resumable = hasattr(items, "state") and hasattr(items, "restore")
+        self.resumable = is_resumable(items)
         self._state: dict[str, Any] | None = None
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()

@@ -284,10 +284,8 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
     settings = _training_settings(job)
     saved = read_json(found / "state.json", "checkpoint state") if found else {}
     if found and "settings" in saved:
-        changed = sorted(k for k in settings.keys() | saved["settings"].keys()
-                         if settings.get(k) != saved["settings"].get(k))  # fmt: skip
-        if changed:
-            diff = ", ".join(f"{k}: {saved['settings'].get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        diff = _settings_diff(saved["settings"], settings)
+        if diff:
             raise ValueError(
                 f"resume=true continues the run in {found} with the settings it started with, but {diff}; "
                 "restore them, or delete the unfinished run to start over with the new ones"
@@ -351,6 +349,12 @@ def _training_settings(job: TrainJob) -> dict:
     return flat
 
 
+def _settings_diff(before: dict, now: dict) -> str:
+    """The `_training_settings` that differ, as "key: before -> now, ..." ("" when none)."""
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+
+
 def _distributed(cfg: TrainJob) -> tuple[int, int]:
     """(rank, world size): joins the process group torchrun describes in the environment (NCCL when the
     model runs on CUDA, each rank on its own GPU; gloo on the CPU), or (0, 1) without torchrun."""
@@ -372,6 +376,11 @@ def _distributed(cfg: TrainJob) -> tuple[int, int]:
     return dist.get_rank(), world
 
 
+def _share(tokens: int, world: int) -> int:
+    """One data-parallel rank's share of `tokens` (rounded up)."""
+    return -(-tokens // world)
+
+
 def _same_finished_run(cfg: TrainJob, variants: list[SAEConfig], final: Path) -> bool:
     """Whether `final` holds a finished run of every SAE of `cfg`, with the same training settings."""
     if not (final / "metrics.json").exists():
@@ -384,7 +393,9 @@ def _same_finished_run(cfg: TrainJob, variants: list[SAEConfig], final: Path) ->
             done = from_dict(TrainJob, json.loads(run_json.read_text()))
         except (ValueError, TypeError):
             return False
-        if _training_settings(done) != _training_settings(dataclasses.replace(cfg, sae=v, saes=[])):
+        if _settings_diff(
+            _training_settings(done), _training_settings(dataclasses.replace(cfg, sae=v, saes=[]))
+        ):
             return False
     return True
 
@@ -488,7 +499,7 @@ def run_training(cfg: TrainJob) -> dict:
             xs = {m: cache.load(m)[rank::world].clone() if world > 1 else cache.load(m) for m in pending}
         elif cfg.train.in_memory and pending:
             # All modules, as the first attempt harvested them: the same tokens whichever SAEs are left.
-            xs = harvest_modules(model, sorted(set(modules)), contexts, -(-cfg.train.harvest_tokens // world),
+            xs = harvest_modules(model, sorted(set(modules)), contexts, _share(cfg.train.harvest_tokens, world),
                                  cfg.model.max_norm_ratio)  # fmt: skip
         for v, m, (out_dir, final_dir) in zip(variants, modules, out_dirs):
             if v.name in results:
@@ -496,9 +507,9 @@ def run_training(cfg: TrainJob) -> dict:
             g = torch.Generator().manual_seed(cfg.train.seed + rank)
             batches: Iterator[torch.Tensor]
             if cfg.train.in_memory:
-                batches = harvest.epochs(xs[m], local_batch, -(-cfg.train.tokens // world), g)
+                batches = harvest.epochs(xs[m], local_batch, _share(cfg.train.tokens, world), g)
             elif cache is not None:
-                batches = cache.batches(m, local_batch, -(-cfg.train.tokens // world), g,
+                batches = cache.batches(m, local_batch, _share(cfg.train.tokens, world), g,
                                         cfg.train.buffer_tokens, shard=(rank, world))  # fmt: skip
             else:
                 batches = _streamed(cfg, model, tokenizer, m, lock, rank, world)
@@ -536,10 +547,9 @@ def run_training(cfg: TrainJob) -> dict:
                   file=sys.stderr)  # fmt: skip
         raise
     peak = results[variants[0].name]
-    if "peak_rss_gb_harvest_train" in peak:
-        print(f"peak memory of harvest + training: host {peak['peak_rss_gb_harvest_train']:.2f} GiB RSS"
-              + (f", cuda {peak['peak_cuda_gb_harvest_train']:.2f} GiB" if "peak_cuda_gb_harvest_train" in peak else "")
-              + f"; of the whole run: host {peak_memory()['peak_rss_gb']:.2f} GiB")  # fmt: skip
+    print(f"peak memory of harvest + training: host {peak['peak_rss_gb_harvest_train']:.2f} GiB RSS"
+          + (f", cuda {peak['peak_cuda_gb_harvest_train']:.2f} GiB" if "peak_cuda_gb_harvest_train" in peak else "")
+          + f"; of the whole run: host {peak_memory()['peak_rss_gb']:.2f} GiB")  # fmt: skip
     return results[variants[0].name] if len(variants) == 1 else results
 
 

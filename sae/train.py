@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from sae.config import SAEConfig, TrainConfig
 from sae.files import load_tensors, read_json, save_tensors, write_json
-from sae.harvest import resolve_dtype
-from sae.model import SAE
+from sae.harvest import is_resumable, resolve_dtype
+from sae.model import SAE, read_config
 
 # Sparsity coefficients in FVU units for SmolLM2-135M block 15 (4608 latents). At 400k tokens: jumprelu 1.5e-3
 # -> L0 84, 5e-3 -> L0 35; relu 6e-4 -> L0 1295, 0.015 -> L0 33. Codes keep getting sparser with longer
@@ -269,7 +269,7 @@ def build(sae_cfg: SAEConfig, d_in: int, seed: int = 0) -> SAE:
 
 
 class Interrupted(Exception):
-    """SIGTERM or SIGINT stopped training at a step boundary, after a checkpoint was written there."""
+    """One of the `STOP_SIGNALS` stopped training at a step boundary, after a checkpoint was written there."""
 
     def __init__(self, signum: int, step: int, checkpoint: Path):
         name = signal.Signals(signum).name
@@ -349,6 +349,37 @@ def _rank_weights(
     return {k: w_r if k == "auxk" else mean if k.endswith("penalty") else w_x for k in keys}
 
 
+def _reduce_step(params: list[torch.nn.Parameter], buffers: list[torch.Tensor], fired: torch.Tensor,
+                 losses: dict[str, torch.Tensor], stopping: bool) -> tuple[torch.Tensor, dict, torch.Tensor]:  # fmt: skip
+    """One all-reduce for a data-parallel step: sums the ranks' gradients (in place), firing counts [F] and
+    weighted loss terms, averages the buffers (in place), and counts the ranks told to stop. Returns the
+    global (fired, losses, stop votes)."""
+    world = dist.get_world_size()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    vote = torch.full((1,), float(stopping), device=fired.device)  # not new_tensor: a host copy waits
+    parts = (
+        grads
+        + [fired, torch.stack(list(losses.values())).detach(), vote]
+        + [b.float() / world for b in buffers]
+    )
+    flat = torch.cat([t.flatten().float() for t in parts])
+    dist.all_reduce(flat)
+    pieces = flat.split([t.numel() for t in parts])
+    for p, g in zip(params, pieces):
+        p.grad = g.view_as(p).to(p.dtype)
+    fired, summed, votes = pieces[len(params) : len(params) + 3]
+    for b, value in zip(buffers, pieces[len(params) + 3 :]):
+        b.copy_(value.view_as(b))
+    return fired, dict(zip(losses, summed)), votes
+
+
+def _agreed_signal(received: list[int], device: torch.device) -> int:
+    """The stop signal of the data-parallel ranks (the largest number any rank received)."""
+    signum = torch.tensor([received[0] if received else 0], device=device)
+    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    return int(signum.item())
+
+
 def train(
     sae_cfg: SAEConfig,
     cfg: TrainConfig,
@@ -384,12 +415,11 @@ def train(
     if device.type == "cpu":
         keep_freed_memory()
     rank, world = _world()
-    resumable = all(hasattr(activations, a) for a in ("state", "restore"))
-    resumable = resumable and getattr(activations, "resumable", True)
+    resumable = is_resumable(activations)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
     found = find_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
     saved_state = read_checkpoint_state(found, world) if found is not None else None
-    if found is not None and saved_state is not None and saved_state["stream"] and resumable:
+    if found is not None and saved_state["stream"] and resumable:  # type: ignore[index]
         activations.restore(load_stream_state(found, rank))  # type: ignore[attr-defined]
     batches = iter(activations)
     if saved_state is not None and not (saved_state["stream"] and resumable):
@@ -400,7 +430,7 @@ def train(
     first = next(batches, None)
     if first is None and saved_state is None:
         raise ValueError("train() received no activation batches")
-    d_in = first.shape[1] if first is not None else SAE.load(found).d_in  # type: ignore[arg-type]
+    d_in = first.shape[1] if first is not None else read_config(found)["d_in"]  # type: ignore[arg-type]
     sae = build(sae_cfg, d_in, cfg.seed).to(device)
     if first is not None:
         first = first.to(device).float()
@@ -519,30 +549,9 @@ def train(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             fired = out.fired
-            stop = False
             if world > 1:
-                # One all-reduce a step: gradients, firings, loss terms, buffers and whether any rank was told to stop.
-                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-                parts = grads + [fired, torch.stack(list(losses.values())).detach()]
-                parts += [b.float() / world for b in shared] + [
-                    torch.full((1,), float(bool(received)), device=x.device)
-                ]
-                flat = torch.cat([t.flatten().float() for t in parts])
-                dist.all_reduce(flat)
-                pieces = flat.split([t.numel() for t in parts])
-                for p, g in zip(params, pieces):
-                    p.grad = g.view_as(p).to(p.dtype)
-                fired = pieces[len(params)]
-                losses = dict(zip(losses, pieces[len(params) + 1]))
-                loss = pieces[len(params) + 1].sum()
-                for b, value in zip(shared, pieces[len(params) + 2 : -1]):
-                    b.copy_(value.view_as(b))
-                # Read back every 10 steps, the same steps on every rank, so all stop after the same one.
-                stop = (step % 10 == 0 or step == steps - 1) and bool(pieces[-1].item())
-                if stop:  # which signal, for ranks that were not sent one themselves
-                    signum = torch.tensor([received[0] if received else 0], device=x.device)
-                    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-                    received[:] = [int(signum.item())]
+                fired, losses, votes = _reduce_step(params, shared, fired, losses, bool(received))
+                loss = torch.stack(list(losses.values())).sum()
             nonfinite.logical_or_(~torch.isfinite(loss))
             if sae.unit_decoder:
                 sae.remove_parallel_grad()
@@ -561,7 +570,7 @@ def train(
             since_log += n
             since_eval += n
             done = step + 1
-            # Everything above runs without waiting for the device (but for data-parallel all-reduces); the host
+            # Everything above runs without waiting for the device (but for data-parallel collectives); the host
             # reads values back only here.
             if step % cfg.log_every == 0 or step == steps - 1:
                 check(step)
@@ -596,6 +605,10 @@ def train(
                 since_eval = 0
             if world == 1:
                 stop = bool(received)
+            else:  # the votes are read every 10 steps, the same steps on every rank: all stop after the same one
+                stop = (step % 10 == 0 or step == steps - 1) and bool(votes.item())
+                if stop:
+                    received[:] = [_agreed_signal(received, device)]
             periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
             if checkpoint_dir is not None and (periodic or stop):
                 check(step)  # a checkpoint is only ever written from finite weights
