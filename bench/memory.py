@@ -24,7 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import activations as acts_file  # noqa: E402  (bench/activations.py)
 
-from sae import harvest  # noqa: E402
+from sae import (
+    stream,  # noqa: E402
+)
 from sae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig  # noqa: E402
 from sae.train import train  # noqa: E402
 
@@ -53,8 +55,8 @@ def main() -> None:
                       checkpoint_every=args.checkpoint_every)  # fmt: skip
     samples: list[tuple[int, float]] = []
     start = time.perf_counter()
-    batches = harvest.prefetch(
-        harvest.epochs(x_train, args.batch_size, tokens, torch.Generator().manual_seed(0))
+    batches = stream.prefetch(
+        stream.epochs(x_train, args.batch_size, tokens, torch.Generator().manual_seed(0))
     )
     with tempfile.TemporaryDirectory() as checkpoints:
         train(SAEConfig(), cfg, batches, log=lambda metrics, step: samples.append((step, rss_mib())),

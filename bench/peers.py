@@ -11,7 +11,7 @@ Needs the peers (import names `sae_lens`, `sparsify`), e.g. `pip install sae-len
 environment that has the CPU build of torch; checked with sae-lens 6.54.12 and eai-sparsify 1.3.3.
 
 Token budget: both peers take `max(1, tokens // batch_size)` full batches, as `sae.train.train` does, drawn
-in the same order as `sae.harvest.epochs` for the same seed (one permutation of x per pass).
+in the same order as `sae.stream.epochs` for the same seed (one permutation of x per pass).
 """
 
 import math
@@ -75,7 +75,7 @@ def _steps(x: torch.Tensor, tokens: int, batch_size: int) -> int:
 
 
 def _batches(x: torch.Tensor, batch_size: int, steps: int, seed: int) -> Iterator[torch.Tensor]:
-    """`steps` shuffled batches [batch_size, D] of x [N, D], pass after pass, in `sae.harvest.epochs` order."""
+    """`steps` shuffled batches [batch_size, D] of x [N, D], pass after pass, in `sae.stream.epochs` order."""
     g = torch.Generator().manual_seed(seed)
     served = 0
     while True:

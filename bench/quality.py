@@ -26,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import activations as acts_file  # noqa: E402  (bench/activations.py)
 
-from sae import harvest  # noqa: E402
+from sae import (
+    harvest,  # noqa: E402
+    stream,  # noqa: E402
+)
 from sae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig  # noqa: E402
 from sae.pipeline import loss_recovered  # noqa: E402
 from sae.train import train  # noqa: E402
@@ -36,7 +39,7 @@ Reconstruct = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x [
 
 def batches(x: torch.Tensor, batch_size: int, tokens: int, seed: int):
     """Shuffled [batch_size, D] batches of x, pass after pass, until `tokens` (the same for every trainer)."""
-    return harvest.epochs(x, batch_size, tokens, torch.Generator().manual_seed(seed))
+    return stream.epochs(x, batch_size, tokens, torch.Generator().manual_seed(seed))
 
 
 @torch.no_grad()

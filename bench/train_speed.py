@@ -29,7 +29,7 @@ import activations as acts_file  # noqa: E402  (bench/activations.py)
 import quality  # noqa: E402  (bench/quality.py)
 
 from sae.config import DataConfig, ModelConfig  # noqa: E402
-from sae.harvest import resolve_dtype  # noqa: E402
+from sae.devices import resolve_dtype  # noqa: E402
 from sae.train import keep_freed_memory  # noqa: E402
 
 

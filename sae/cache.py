@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from sae import harvest
+from sae import harvest, stream
 from sae.data import Contexts
 from sae.files import save_tensors, write_json
 
@@ -159,7 +159,7 @@ def _harvest(directory: Path, meta: dict, model, modules: list[str], contexts: I
     # Packing runs ahead in one thread and the shards are written in another, both beside the forward.
     with (
         ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as writer,
-        contextlib.closing(harvest.prefetch(contexts)) as batches,
+        contextlib.closing(stream.prefetch(contexts)) as batches,
         tqdm(total=max_tokens, initial=total, desc="harvest", unit="tok", unit_scale=True) as bar,
     ):
         for i, batch in enumerate(batches):
@@ -282,7 +282,7 @@ class ActivationCache:
         `tokens` were served; resumable (`CacheBatches`).
 
         Each pass reads the shards in a random order through a shuffle buffer of about `buffer_tokens`
-        tokens (`harvest.Shuffled`), so memory stays bounded however large the cache. Within a pass each
+        tokens (`stream.Shuffled`), so memory stays bounded however large the cache. Within a pass each
         token is served at most once: all but fewer than `batch_size` of them. `shard=(rank, world)` serves
         one data-parallel rank its share: every world-th shard from the rank-th on, or, in a cache of fewer
         shards than ranks, every world-th token of each shard.
@@ -304,7 +304,7 @@ class ActivationCache:
                             buffer_tokens)  # fmt: skip
 
 
-class CacheBatches(harvest.Stream):
+class CacheBatches(stream.Stream):
     """The batches of `ActivationCache.batches`, resumable: `state()` is the position after the last batch
     served (this pass's shard order, the shuffle buffer's state, tokens served), `restore(state)` continues
     from it."""
@@ -314,13 +314,13 @@ class CacheBatches(harvest.Stream):
         self.read, self.shards, self.batch_size, self.tokens = read, shards, batch_size, tokens
         self.generator, self.buffer_tokens = generator, buffer_tokens
         self._order: list[int] | None = None  # this pass's shards, in reading order
-        self._pass: harvest.Shuffled | None = None
+        self._pass: stream.Shuffled | None = None
         self._served = 0
 
-    def _new_pass(self, order: list[int]) -> harvest.Shuffled:
+    def _new_pass(self, order: list[int]) -> stream.Shuffled:
         self._order = order
         chunks = lambda start: (self.read(i) for i in order[start:])  # noqa: E731
-        return harvest.Shuffled(chunks, self.buffer_tokens, self.batch_size, self.generator)
+        return stream.Shuffled(chunks, self.buffer_tokens, self.batch_size, self.generator)
 
     def state(self) -> dict[str, Any]:
         inner = self._pass.state() if self._pass is not None else {}

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from sae import dashboard, harvest
+from sae import dashboard, devices, harvest
 from sae.config import TrainJob, from_dict
 from sae.data import bos_eos, special_ids
 from sae.model import SAE, Code, read_config
@@ -119,7 +119,7 @@ class Explorer:
         # cfg.json records the module the SAE was trained on (the full path, whatever alias named it).
         hook = read_config(run_dir).get("hook") if (run_dir / "cfg.json").is_file() else None
         module = harvest.resolve_module(model, dataclasses.replace(job.model, module=hook or job.sae.hook))
-        sae = SAE.load(run_dir, device=harvest.resolve_device(job.model.device)).eval()
+        sae = SAE.load(run_dir, device=devices.resolve_device(job.model.device)).eval()
         width = harvest.capture(model, [module], torch.zeros(1, 1, dtype=torch.long))[module].shape[-1]
         if width != sae.d_in:
             raise ValueError(

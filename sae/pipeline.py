@@ -24,8 +24,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from sae import analyze as an
-from sae import formats, harvest, site
+from sae import devices, formats, harvest, site, stream
 from sae.cache import write_cache
+from sae.checkpoint import find_checkpoint
 from sae.config import (
     AnalyzeConfig,
     AnalyzeJob,
@@ -40,7 +41,7 @@ from sae.data import Contexts, packed_contexts
 from sae.files import read_json, write_json
 from sae.metrics import dead_fraction, firing_counts, spliced_losses
 from sae.model import SAE
-from sae.train import Interrupted, TrainingDiverged, find_checkpoint, train
+from sae.train import Interrupted, TrainingDiverged, train
 
 
 def _check_width(sae: SAEConfig, d_in: int) -> None:
@@ -83,12 +84,12 @@ def _train_contexts(cfg: TrainJob, tokenizer, rank: int = 0, world: int = 1) -> 
 
 
 def _streamed(cfg: TrainJob, model, tokenizer, module: str, lock: threading.Lock, rank: int = 0,
-              world: int = 1) -> harvest.Shuffled:  # fmt: skip
+              world: int = 1) -> stream.Shuffled:  # fmt: skip
     """Activations harvested on the fly through the shuffle buffer, passing over the corpus (this rank's
     share of it) repeatedly; resumable. The source's position is the count of context batches consumed: a
     resumed stream skips that many without running the model (reading at most two passes to do so).
 
-    Each forward holds `lock`: the stream is produced in a background thread (`harvest.prefetch`), and
+    Each forward holds `lock`: the stream is produced in a background thread (`stream.prefetch`), and
     forward hooks are per module, not per thread, so another forward of the model (the in-training
     evaluation) must not run at the same time."""
     g = torch.Generator().manual_seed(cfg.train.seed + rank)
@@ -111,7 +112,7 @@ def _streamed(cfg: TrainJob, model, tokenizer, module: str, lock: threading.Lock
                 yield x
             per_pass = count
 
-    return harvest.Shuffled(chunks, cfg.train.buffer_tokens, cfg.train.batch_size // world, g)
+    return stream.Shuffled(chunks, cfg.train.buffer_tokens, cfg.train.batch_size // world, g)
 
 
 @torch.no_grad()
@@ -275,7 +276,7 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
     `batches` are made in a background thread while the SAE trains; when streamed, up to half a shuffle
     buffer ahead, so the forwards that refill the buffer overlap training. Model forwards hold `lock`.
     Data-parallel ranks other than 0 only train, and return {}."""
-    device = harvest.resolve_device(cfg.model.device)
+    device = devices.resolve_device(cfg.model.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     job = dataclasses.replace(cfg, sae=sae_cfg, saes=[], run_dir=str(final_dir), resume=False)
@@ -300,7 +301,7 @@ def _train_one(cfg: TrainJob, sae_cfg: SAEConfig, model, tokenizer, module: str,
         evaluate = _locked(loss, lock)
     local_batch = cfg.train.batch_size // world
     depth = 2 if cfg.train.in_memory else max(2, cfg.train.buffer_tokens // 2 // local_batch)
-    ahead = harvest.prefetch(batches, depth)
+    ahead = stream.prefetch(batches, depth)
     exit_code = 0
     try:
         try:
@@ -367,7 +368,7 @@ def _distributed(cfg: TrainJob) -> tuple[int, int]:
             f"{world} data-parallel processes; use a multiple of {world}"
         )
     if not dist.is_initialized():
-        cuda = harvest.resolve_device(cfg.model.device).type == "cuda"
+        cuda = devices.resolve_device(cfg.model.device).type == "cuda"
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # Ranks other than 0 wait in a collective while rank 0 alone evaluates and analyses an SAE of a `saes`
@@ -507,7 +508,7 @@ def run_training(cfg: TrainJob) -> dict:
             g = torch.Generator().manual_seed(cfg.train.seed + rank)
             batches: Iterator[torch.Tensor]
             if cfg.train.in_memory:
-                batches = harvest.epochs(xs[m], local_batch, _share(cfg.train.tokens, world), g)
+                batches = stream.epochs(xs[m], local_batch, _share(cfg.train.tokens, world), g)
             elif cache is not None:
                 batches = cache.batches(m, local_batch, _share(cfg.train.tokens, world), g,
                                         cfg.train.buffer_tokens, shard=(rank, world))  # fmt: skip
@@ -574,7 +575,7 @@ def run_analysis(job: AnalyzeJob) -> Path:
     module = harvest.resolve_module(
         model, dataclasses.replace(cfg.model, module=cfg.sae.hook) if sub_run else cfg.model
     )
-    device = harvest.resolve_device(cfg.model.device)
+    device = devices.resolve_device(cfg.model.device)
     sae = (imported.to(device) if job.sae_dir else SAE.load(run_dir, device=device)).eval()
     width = harvest.capture(model, [module], torch.zeros(1, 1, dtype=torch.long))[module].shape[-1]
     if width != sae.d_in:

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from sae import harvest
+from sae import devices, harvest, stream
 from sae.config import DataConfig, ModelConfig
 from sae.data import packed_contexts
 
@@ -160,7 +160,7 @@ def numbered(n: int, d: int = 3) -> torch.Tensor:
 def test_shuffled_is_a_permutation_in_full_batches(gen):
     x = numbered(203)
     chunks = list(x.split(17))
-    out = list(harvest.shuffled(iter(chunks), capacity=60, batch_size=8, generator=gen))
+    out = list(stream.shuffled(iter(chunks), capacity=60, batch_size=8, generator=gen))
     assert all(b.shape == (8, 3) for b in out)
     ids = torch.cat(out)[:, 0].long()
     assert len(ids) == 203 - 203 % 8
@@ -173,15 +173,15 @@ def test_shuffled_is_a_permutation_in_full_batches(gen):
 
 
 def test_shuffled_small_stream_and_empty_stream(gen):
-    out = list(harvest.shuffled(iter([numbered(20)]), capacity=1000, batch_size=8, generator=gen))
+    out = list(stream.shuffled(iter([numbered(20)]), capacity=1000, batch_size=8, generator=gen))
     assert [len(b) for b in out] == [8, 8]
-    assert list(harvest.shuffled(iter([]), capacity=10, batch_size=4, generator=gen)) == []
+    assert list(stream.shuffled(iter([]), capacity=10, batch_size=4, generator=gen)) == []
 
 
 def test_shuffled_is_reproducible_with_a_seed():
     def run(seed):
         g = torch.Generator().manual_seed(seed)
-        return torch.cat(list(harvest.shuffled(iter(numbered(100).split(10)), 30, 5, g)))
+        return torch.cat(list(stream.shuffled(iter(numbered(100).split(10)), 30, 5, g)))
 
     assert torch.equal(run(1), run(1))
     assert not torch.equal(run(1), run(2))
@@ -190,7 +190,7 @@ def test_shuffled_is_reproducible_with_a_seed():
 @pytest.mark.parametrize("tokens", [64, 200, 250])
 def test_epochs_serves_the_requested_tokens(gen, tokens):
     x = numbered(100).to(torch.float16)
-    out = list(harvest.epochs(x, batch_size=16, tokens=tokens, generator=gen))
+    out = list(stream.epochs(x, batch_size=16, tokens=tokens, generator=gen))
     assert all(b.shape == (16, 3) and b.dtype == torch.float32 for b in out)
     assert len(out) == math.ceil(tokens / 16)
     # Within a pass (100 // 16 = 6 batches) no token repeats; passes reshuffle.
@@ -202,17 +202,17 @@ def test_epochs_serves_the_requested_tokens(gen, tokens):
 
 def test_epochs_raises_with_fewer_tokens_than_a_batch(gen):
     with pytest.raises(ValueError, match="only 10 tokens.*train.batch_size=16"):
-        next(harvest.epochs(numbered(10), batch_size=16, tokens=100, generator=gen))
+        next(stream.epochs(numbered(10), batch_size=16, tokens=100, generator=gen))
 
 
 def test_resolve_dtype_and_device():
     cpu = torch.device("cpu")
-    assert harvest.resolve_dtype("auto", cpu) in (torch.bfloat16, torch.float32)
-    assert harvest.resolve_dtype("float16", cpu) == torch.float16
-    assert harvest.resolve_dtype("float32", cpu) == torch.float32
-    assert harvest.resolve_device("cpu") == cpu
+    assert devices.resolve_dtype("auto", cpu) in (torch.bfloat16, torch.float32)
+    assert devices.resolve_dtype("float16", cpu) == torch.float16
+    assert devices.resolve_dtype("float32", cpu) == torch.float32
+    assert devices.resolve_device("cpu") == cpu
     expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert harvest.resolve_device("auto").type == expected
+    assert devices.resolve_device("auto").type == expected
 
 
 def test_harvest_modules_gives_each_module_what_a_single_hook_harvest_gives(tiny, sentences):
@@ -241,7 +241,7 @@ def test_prefetch_yields_everything_in_order_and_runs_ahead():
             produced.append(i)
             yield i
 
-    ahead = harvest.prefetch(items(), depth=2)
+    ahead = stream.prefetch(items(), depth=2)
     assert next(ahead) == 0
     deadline = time.monotonic() + 5
     while len(produced) < 4 and time.monotonic() < deadline:  # 1 taken + 2 queued + 1 waiting to be queued
@@ -255,7 +255,7 @@ def test_prefetch_raises_the_producers_error():
         yield 1
         raise KeyError("bad row")
 
-    ahead = harvest.prefetch(items())
+    ahead = stream.prefetch(items())
     assert next(ahead) == 1
     with pytest.raises(KeyError, match="bad row"):
         next(ahead)
@@ -269,7 +269,7 @@ def test_closing_prefetch_stops_the_producer():
             produced.append(i)
             yield i
 
-    ahead = harvest.prefetch(endless(), depth=3)
+    ahead = stream.prefetch(endless(), depth=3)
     assert [next(ahead) for _ in range(5)] == [0, 1, 2, 3, 4]
     ahead.close()  # joins the producer thread
     n = len(produced)
@@ -279,7 +279,7 @@ def test_closing_prefetch_stops_the_producer():
 
 
 def test_a_prefetch_dropped_without_close_stops_its_producer():
-    ahead = harvest.prefetch(itertools.count(), depth=2)
+    ahead = stream.prefetch(itertools.count(), depth=2)
     assert next(ahead) == 0
     thread = ahead._thread
     del ahead  # garbage: its producer must not run on forever

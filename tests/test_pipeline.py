@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_job
 
-from sae import harvest
+from sae import harvest, stream
 from sae.config import ARCHS
 from sae.model import SAE
 from sae.pipeline import run_training
@@ -216,7 +216,7 @@ def test_hub_code_path_loads_a_model_directory(tmp_path, corpus):
 
 
 def test_a_diverged_run_keeps_only_its_last_good_checkpoint(tmp_path, corpus, monkeypatch):
-    epochs = harvest.epochs
+    epochs = stream.epochs
 
     def poisoned(*args, **kwargs):  # batch 6 of the training stream is NaN
         for i, x in enumerate(epochs(*args, **kwargs)):

@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae import harvest
+from sae.checkpoint import find_checkpoint, save_checkpoint
 from sae.config import SAEConfig, TrainConfig
 from sae.files import save_tensors, write_json
 from sae.model import SAE
-from sae.train import Interrupted, find_checkpoint, pass_on, save_checkpoint, train
+from sae.stream import Epochs, Prefetch, Shuffled
+from sae.train import Interrupted, pass_on, train
 
 D, B, STEPS = 16, 64, 40
 
@@ -43,7 +44,7 @@ def streams():
     x = data()
 
     def in_memory():
-        return harvest.Epochs(x, B, STEPS * B, torch.Generator().manual_seed(1))
+        return Epochs(x, B, STEPS * B, torch.Generator().manual_seed(1))
 
     def shuffle_buffer():
         # An endless source of 37-token chunks; the buffer holds ~300 tokens, emitted half at a time.
@@ -53,7 +54,7 @@ def streams():
                 yield x[(i * 37) % 1900 : (i * 37) % 1900 + 37]
                 i += 1
 
-        return harvest.Shuffled(chunks, 300, B, torch.Generator().manual_seed(2))
+        return Shuffled(chunks, 300, B, torch.Generator().manual_seed(2))
 
     def plain():  # no saved position: a resumed run replays it
         g = torch.Generator().manual_seed(3)
@@ -101,7 +102,7 @@ def test_a_run_cut_short_and_resumed_ends_with_identical_weights(tmp_path, kind,
     make = streams()[kind]
 
     def feed(stream):
-        return harvest.Prefetch(stream, depth=3) if prefetched else stream
+        return Prefetch(stream, depth=3) if prefetched else stream
 
     reference = weights(train(SAE_CFG, cfg(), feed(make()), checkpoint_dir=tmp_path / "a"))
     with pytest.raises(Killed):
@@ -177,14 +178,14 @@ def test_a_stream_resumed_from_its_state_continues_with_the_same_batches(stream_
 
 def test_prefetch_state_belongs_to_the_last_item_consumed_not_the_producers_position():
     x = data(500)
-    stream = harvest.Prefetch(harvest.Epochs(x, B, 10**6, torch.Generator().manual_seed(0)), depth=4)
+    stream = Prefetch(Epochs(x, B, 10**6, torch.Generator().manual_seed(0)), depth=4)
     taken = [next(stream) for _ in range(5)]
     state = stream.state()
     stream.close()
     assert state is not None and state["served"] == 5 * B  # the producer was up to 4 batches further
-    again = harvest.Epochs(x, B, 10**6, torch.Generator().manual_seed(0))
+    again = Epochs(x, B, 10**6, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(taken, [next(again) for _ in range(5)]))
-    resumed = harvest.Epochs(x, B, 10**6, torch.Generator().manual_seed(0))
+    resumed = Epochs(x, B, 10**6, torch.Generator().manual_seed(0))
     resumed.restore(state)
     assert torch.equal(next(resumed), next(again))
 

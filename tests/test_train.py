@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sae import harvest
+from sae import harvest, stream
 from sae.config import DataConfig, SAEConfig, TrainConfig
 from sae.data import packed_contexts
 from sae.metrics import (
@@ -70,7 +70,7 @@ def test_fvu_falls_on_activations_of_the_tiny_model(tiny, sentences):
     contexts = packed_contexts(DataConfig(context_size=32), tokenizer, "train", 4, rows=rows)
     x = torch.cat([a for a, _, _ in harvest.activations(model, "model.layers.2", contexts)])
     assert x.shape[1] == 64 and len(x) > 600
-    batches = harvest.epochs(x, 128, 80 * 128, torch.Generator().manual_seed(0))
+    batches = stream.epochs(x, 128, 80 * 128, torch.Generator().manual_seed(0))
     cfg = TrainConfig(tokens=80 * 128, batch_size=128, warmup_steps=5, log_every=10, dead_tokens=10**9)
     logged = {}
     sae = train(SAEConfig(expansion_factor=2, k=8), cfg, batches, log=lambda m, s: logged.__setitem__(s, m))
