@@ -16,7 +16,6 @@ from sae import harvest
 from sae.config import DataConfig, ModelConfig
 from sae.data import cache_dir, packed_contexts
 from sae.files import save_tensors
-from sae.pipeline import harvest_in_memory
 
 
 def activation_file(model_cfg: ModelConfig, data: DataConfig, train_tokens: int, test_tokens: int) -> Path:
@@ -30,7 +29,7 @@ def activation_file(model_cfg: ModelConfig, data: DataConfig, train_tokens: int,
     tensors = {}
     for split, tokens in (("train", train_tokens), ("test", test_tokens)):
         contexts = packed_contexts(data, tokenizer, split, model_cfg.batch_size)
-        tensors[split] = harvest_in_memory(model, module, contexts, tokens, model_cfg.max_norm_ratio)
+        tensors[split] = harvest.harvest_tensors(model, [module], contexts, tokens, model_cfg.max_norm_ratio)[module]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, tensors)
     return path

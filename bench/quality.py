@@ -31,7 +31,7 @@ from sae import (
     stream,  # noqa: E402
 )
 from sae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig  # noqa: E402
-from sae.pipeline import loss_recovered  # noqa: E402
+from sae.evaluate import loss_recovered  # noqa: E402
 from sae.train import train  # noqa: E402
 
 Reconstruct = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # x [B, D] -> (x_hat, z [B, F])

@@ -22,7 +22,6 @@ from sae.config import DataConfig, ModelConfig
 from sae.data import cache_dir, packed_contexts
 from sae.formats import from_saelens, to_saelens
 from sae.model import SAE, read_config
-from sae.pipeline import harvest_in_memory
 
 
 def held_out(model_cfg: ModelConfig, tokens: int) -> torch.Tensor:
@@ -34,7 +33,7 @@ def held_out(model_cfg: ModelConfig, tokens: int) -> torch.Tensor:
             print(f"activations: {path} (test split)")
             return f.get_tensor("test")[:tokens].float()
     contexts = packed_contexts(DataConfig(), tokenizer, "test", model_cfg.batch_size)
-    return harvest_in_memory(model, module, contexts, tokens, model_cfg.max_norm_ratio).float()
+    return harvest.harvest_tensors(model, [module], contexts, tokens, model_cfg.max_norm_ratio)[module].float()
 
 
 @torch.no_grad()

@@ -12,8 +12,8 @@ Each shard is written atomically and only then listed in `meta.json` (also atomi
 meta pointing at half a shard. A shard ends after a whole context batch, and meta records how many context
 batches were consumed by then: a resumed harvest skips those batches without running the model.
 
-With several modules a token is cached only if `keep_rows` keeps it in every module, so the rows of all
-modules and the provenance line up.
+The tokens cached are those `harvest.keep_tokens` keeps (in every module, when there are several), as in
+every other harvest, so the rows of all modules and the provenance line up.
 """
 
 import contextlib
@@ -165,14 +165,15 @@ def _harvest(directory: Path, meta: dict, model, modules: list[str], contexts: I
         for i, batch in enumerate(batches):
             if i < skip:
                 continue
-            acts = harvest.capture(model, modules, batch.ids)  # [N, T, D] each
-            xs = {m: acts[m][batch.mask.to(acts[m].device)] for m in modules}  # [B, D] each
-            keep = torch.stack([harvest.keep_rows(x, max_norm_ratio) for x in xs.values()]).all(dim=0)
-            n = min(int(keep.sum()), max_tokens - total)
-            rows = {f"acts.{m}": x[keep][:n].cpu() for m, x in xs.items()}
-            for key, value, dtype in (("token_id", batch.ids, torch.int32), ("row", batch.row, torch.int64),
-                                      ("pos", batch.pos, torch.int32)):  # fmt: skip
-                rows[key] = value[batch.mask][keep.cpu()][:n].to(dtype)
+            xs, used = harvest.capture_kept(model, modules, batch, max_norm_ratio)  # [B, D] each
+            n = min(len(xs[modules[0]]), max_tokens - total)
+            rows = {f"acts.{m}": x[:n].cpu() for m, x in xs.items()}
+            for key, value, dtype in (
+                ("token_id", batch.ids, torch.int32),
+                ("row", batch.row, torch.int64),
+                ("pos", batch.pos, torch.int32),
+            ):
+                rows[key] = value[used][:n].to(dtype)
             buffer.append(rows)
             buffered += n
             total += n

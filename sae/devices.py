@@ -1,10 +1,14 @@
-"""The machine a run uses: its device, the dtype its matmuls run fastest in, and peak memory."""
+"""The machine a run uses: its device, the dtype its matmuls run fastest in, peak memory, and the
+data-parallel process group."""
 
+import datetime
+import os
 import resource
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 def _cpu_has_fast_bf16() -> bool:
@@ -38,3 +42,25 @@ def peak_memory() -> dict[str, float]:
     if torch.cuda.is_initialized():
         peak["peak_cuda_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     return peak
+
+
+def distributed(batch_size: int, device: str) -> tuple[int, int]:
+    """(rank, world size): joins the process group torchrun describes in the environment (NCCL when the
+    model runs on CUDA, each rank on its own GPU; gloo on the CPU), or (0, 1) without torchrun.
+    `batch_size` is the global batch (`train.batch_size`), checked to divide among the processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if batch_size % world:
+        raise ValueError(
+            f"train.batch_size={batch_size} is the global batch and must divide evenly among the "
+            f"{world} data-parallel processes; use a multiple of {world}"
+        )
+    if not dist.is_initialized():
+        cuda = resolve_device(device).type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # Ranks other than 0 wait in a collective while rank 0 alone evaluates and analyses an SAE of a `saes`
+        # list; the default timeout (10 min for NCCL) is shorter than that can take.
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    return dist.get_rank(), world

@@ -16,7 +16,6 @@ text in them is escaped. A feature card is `dashboard.feature_html` plus the ana
 (`intervals`, `histogram`, `nearest`), each only where present.
 """
 
-import dataclasses
 import html
 import json
 import math
@@ -27,10 +26,11 @@ from typing import Any
 
 import torch
 
-from sae import dashboard, devices, harvest
-from sae.config import TrainJob, from_dict
+from sae import dashboard, harvest
+from sae.config import TrainJob
 from sae.data import bos_eos, special_ids
-from sae.model import SAE, Code, read_config
+from sae.model import SAE, Code
+from sae.rundir import open_run
 
 RGB = "255,140,0"  # the dashboard's highlight colour; alpha carries the activation
 _MONO = "font-family:ui-monospace,Menlo,monospace"
@@ -105,28 +105,18 @@ class Explorer:
     def load(cls, run_dir: str | Path, device: str | None = None) -> "Explorer":
         """Loads a finished run directory (`sae.safetensors`, `cfg.json`, `run.json`; the analysis and
         metrics where present). `device` overrides the run's `model.device` for the model and the SAE."""
-        run_dir = Path(run_dir)
-        if not (run_dir / "run.json").is_file():
-            subruns = sorted(p.parent.name for p in run_dir.glob("*/run.json"))
-            hint = "is it a finished training run?"
-            if subruns:
-                hint = f"it holds several SAEs, load one of {[str(run_dir / p) for p in subruns]}"
-            raise FileNotFoundError(f"run_dir={str(run_dir)!r} holds no run.json: {hint}")
-        job = from_dict(TrainJob, json.loads((run_dir / "run.json").read_text()))
-        if device is not None:
-            job.model = dataclasses.replace(job.model, device=device)
-        model, tokenizer = harvest.load_model(job.model)
-        # cfg.json records the module the SAE was trained on (the full path, whatever alias named it).
-        hook = read_config(run_dir).get("hook") if (run_dir / "cfg.json").is_file() else None
-        module = harvest.resolve_module(model, dataclasses.replace(job.model, module=hook or job.sae.hook))
-        sae = SAE.load(run_dir, device=devices.resolve_device(job.model.device)).eval()
-        width = harvest.capture(model, [module], torch.zeros(1, 1, dtype=torch.long))[module].shape[-1]
-        if width != sae.d_in:
-            raise ValueError(
-                f"the SAE in {run_dir} reads d_in={sae.d_in}, but {module} of model.name={job.model.name!r} "
-                f"has width {width}: load the SAE with the model and module it was trained on"
-            )
-        return cls(run_dir, job, sae, model, tokenizer, module, load_analysis(run_dir), load_metrics(run_dir))
+        run = open_run(run_dir, device)
+        assert run.job is not None and run.module is not None
+        return cls(
+            run.dir,
+            run.job,
+            run.sae,
+            run.model,
+            run.tokenizer,
+            run.module,
+            load_analysis(run.dir),
+            load_metrics(run.dir),
+        )
 
     def feature(self, i: int) -> dict:
         """Feature `i` of the analysis (density, examples, logit lens, ...)."""

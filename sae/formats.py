@@ -1,4 +1,4 @@
-"""Our SAEs and their analysis in other tools' formats, and a run directory as W&B artifacts.
+"""Our SAEs and their analysis in other tools' formats.
 
     python -m sae.formats saelens runs/demo exports/demo-saelens       # SAELens: cfg.json + sae_weights.safetensors
     python -m sae.formats neuronpedia runs/demo exports/demo-np.json   # Neuronpedia: feature and activation rows
@@ -49,7 +49,8 @@ import torch
 from safetensors.torch import load_file
 
 from sae.files import save_tensors, write_json, write_text
-from sae.model import CONFIG, SAE, WEIGHTS, read_config
+from sae.model import SAE, read_config
+from sae.rundir import open_run, read_job
 
 SAELENS_WEIGHTS, SAELENS_CONFIG = "sae_weights.safetensors", "cfg.json"
 SAELENS_SPARSITY = "sparsity.safetensors"
@@ -60,28 +61,6 @@ _TO_SAELENS = {"topk": "topk", "jumprelu": "jumprelu", "relu": "standard", "batc
 _FROM_SAELENS = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu"}
 _BLOCK = re.compile(r"^(?:.+\.)?(?:layers|h|blocks)\.(\d+)$")  # model.layers.L, transformer.h.L, ...
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
-
-
-def _sae_dir(run_dir: str | Path) -> Path:
-    """`run_dir` checked to hold an SAE (sae.safetensors + cfg.json), with an error saying what is expected."""
-    path = Path(run_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"run directory {str(path)!r} does not exist: expected a directory holding {WEIGHTS} and {CONFIG} "
-            "(what train.py writes)"
-        )
-    if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
-        inner = sorted(p.name for p in path.iterdir() if (p / WEIGHTS).is_file())
-        hint = f"; it holds several SAEs, pass one of its subdirectories: {inner}" if inner else ""
-        raise FileNotFoundError(
-            f"{str(path)!r} holds no {WEIGHTS} and {CONFIG}: is it a run directory?{hint}"
-        )
-    return path
-
-
-def _run_json(run_dir: Path) -> dict:
-    path = run_dir / "run.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def saelens_hook(module: str | None) -> str | None:
@@ -125,11 +104,10 @@ def to_saelens(
     """Writes the SAE of `run_dir` in SAELens 6.x's layout into `out_dir`: `sae_weights.safetensors`, `cfg.json`
     and, where the run was analysed, `sparsity.safetensors` (log10 feature density). `model` and `hook` fill in
     what the run's cfg.json lacks (an SAE saved outside train.py)."""
-    run_dir, out = _sae_dir(run_dir), Path(out_dir)
-    cfg, run = read_config(run_dir), _run_json(run_dir)
-    sae = SAE.load(run_dir)
+    run = open_run(run_dir, model=False)
+    run_dir, out, sae, cfg = run.dir, Path(out_dir), run.sae, read_config(run.dir)
     module = cfg.get("hook") or hook
-    context_size = cfg.get("context_size") or run.get("data", {}).get("context_size")
+    context_size = cfg.get("context_size") or (run.job.data.context_size if run.job else None)
     metadata = {
         "sae_lens_version": SAELENS_FORMAT_VERSION,
         "sae_lens_training_version": None,
@@ -139,7 +117,7 @@ def to_saelens(
         "context_size": context_size,
         "prepend_bos": True,  # every context starts with BOS (sae/data.py)
         "exclude_special_tokens": True,  # BOS/EOS/PAD positions are never trained on
-        "dataset_path": cfg.get("data") or run.get("data", {}).get("path"),
+        "dataset_path": cfg.get("data") or (run.job.data.path if run.job else None),
         # Our SAEs read the HF model's raw residual stream. TransformerLens centres it by default for LayerNorm
         # models (center_writing_weights); SAELens' own runner sets the same for HookedTransformer.
         "model_from_pretrained_kwargs": {"center_writing_weights": False},
@@ -324,7 +302,8 @@ def to_neuronpedia(run_dir: str | Path, out_path: str | Path, model_id: str | No
     source_set = source_set or f"sae-{analysis.get('arch', 'sae')}"
     block = re.search(r"(\d+)", hook or "")
     source = f"{block.group(1)}-{source_set}" if block else source_set
-    data = _run_json(run_dir).get("data", {}).get("path")
+    job = read_job(run_dir)
+    data = job.data.path if job else None
     unknown: set[str] = set()
     features, activations = [], []
     for f in analysis["features"]:
@@ -373,35 +352,6 @@ def to_neuronpedia(run_dir: str | Path, out_path: str | Path, model_id: str | No
     out = {"modelId": model_id, "layer": source, "sourceSetName": source_set, "hookName": saelens_hook(hook),
            "n_tokens": analysis.get("n_tokens"), "features": features, "activations": activations}  # fmt: skip
     return write_text(out_path, json.dumps(out))
-
-
-# --- W&B -------------------------------------------------------------------------------------------------
-
-
-def log_artifacts(run, run_dir: str | Path) -> list:
-    """Logs the run directory to W&B `run` as two artifacts: the SAE (`sae.safetensors`, `cfg.json`,
-    `metrics.json`; type `model`) and its dashboard (`dashboard/` and `analysis/`; type
-    `dashboard`), each only with the files that exist. Files are copied when added, so `run_dir` may move after.
-    Offline runs keep them (in W&B's staging directory) for `wandb sync`. Returns the artifacts logged."""
-    import wandb
-
-    if getattr(run, "disabled", False):  # wandb.mode=disabled: do not copy the files into W&B's staging area
-        return []
-    run_dir = Path(run_dir)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", run.name or run_dir.name) or "run"
-    model = wandb.Artifact(f"{name}-sae", type="model", metadata=read_config(run_dir))
-    dash = wandb.Artifact(f"{name}-dashboard", type="dashboard")
-    for file in ("sae.safetensors", "cfg.json", "metrics.json"):
-        if (run_dir / file).is_file():
-            model.add_file(str(run_dir / file), name=file)
-    if (run_dir / "dashboard").is_dir():
-        dash.add_dir(str(run_dir / "dashboard"), name="dashboard")
-    if (run_dir / "analysis").is_dir():
-        dash.add_dir(str(run_dir / "analysis"), name="analysis")
-    logged = [a for a in (model, dash) if a.manifest.entries]
-    for artifact in logged:
-        run.log_artifact(artifact)
-    return logged
 
 
 # --- command line ----------------------------------------------------------------------------------------

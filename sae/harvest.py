@@ -9,17 +9,20 @@ import difflib
 import importlib.util
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from sae.config import ModelConfig
 from sae.data import Contexts, cache_dir
 from sae.devices import resolve_device, resolve_dtype
+from sae.stream import Shuffled
 
 SMOLLM2 = "smollm2-135m"
 TINY = "tiny"
@@ -172,6 +175,12 @@ def capture(model: PreTrainedModel, names: list[str], ids: torch.Tensor) -> dict
     return out
 
 
+def module_widths(model: PreTrainedModel, modules: list[str]) -> dict[str, int]:
+    """The width D of each module's output, from one forward of a single token."""
+    acts = capture(model, sorted(set(modules)), torch.zeros(1, 1, dtype=torch.long))
+    return {m: x.shape[-1] for m, x in acts.items()}
+
+
 def keep_rows(x: torch.Tensor, max_norm_ratio: float) -> torch.Tensor:
     """[B] mask of the activations x [B, D] to use: all but those whose norm exceeds `max_norm_ratio` times
     the median norm (0 keeps all).
@@ -186,10 +195,34 @@ def keep_rows(x: torch.Tensor, max_norm_ratio: float) -> torch.Tensor:
     return norms <= max_norm_ratio * norms.median()
 
 
+def keep_tokens(xs: Iterable[torch.Tensor], max_norm_ratio: float) -> torch.Tensor:
+    """[B] mask of the tokens to use, given the activations [B, D] of one or more modules at the same tokens:
+    those `keep_rows` keeps in every module. The one keep rule of every harvest (in memory, streamed, cached),
+    so the rows of several modules line up with each other and with the tokens' provenance."""
+    masks = [keep_rows(x, max_norm_ratio) for x in xs]
+    return torch.stack(masks).all(dim=0)
+
+
+def capture_kept(
+    model: PreTrainedModel, modules: list[str], batch: Contexts, max_norm_ratio: float
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """({module: acts [B, D]} in the model's dtype, used [N, T]): the activations of `modules` at the text
+    positions of `batch` that `keep_tokens` keeps, and the mask of those positions (on the CPU)."""
+    acts = capture(model, modules, batch.ids)  # [N, T, D] each
+    used = batch.mask.to(acts[modules[0]].device).clone()
+    xs = {m: acts[m][used] for m in modules}  # [B, D] each
+    keep = keep_tokens(xs.values(), max_norm_ratio)
+    used[used.clone()] = keep
+    return {m: x[keep] for m, x in xs.items()}, used.cpu()
+
+
 def activations(
-    model: PreTrainedModel, name: str, contexts: Iterable[Contexts], max_tokens: int | None = None,
+    model: PreTrainedModel,
+    name: str,
+    contexts: Iterable[Contexts],
+    max_tokens: int | None = None,
     max_norm_ratio: float = 0.0,
-) -> Iterator[tuple[torch.Tensor, Contexts, torch.Tensor]]:  # fmt: skip
+) -> Iterator[tuple[torch.Tensor, Contexts, torch.Tensor]]:
     """Yields (acts [B, D] float32, the contexts, used [N, T]) until `max_tokens` tokens were yielded.
 
     `used` marks the positions the B activations came from: text tokens (`Contexts.mask`) that `keep_rows`
@@ -197,12 +230,71 @@ def activations(
     """
     seen = 0
     for batch in contexts:
-        acts = capture(model, [name], batch.ids)[name]  # [N, T, D]
-        used = batch.mask.to(acts.device).clone()
-        x = acts[used].float()  # [B, D]
-        keep = keep_rows(x, max_norm_ratio)
-        used[used.clone()] = keep
-        yield x[keep], batch, used.cpu()
-        seen += int(keep.sum())
+        xs, used = capture_kept(model, [name], batch, max_norm_ratio)
+        yield xs[name].float(), batch, used
+        seen += int(used.sum())
         if max_tokens is not None and seen >= max_tokens:
             return
+
+
+def harvest_tensors(
+    model: PreTrainedModel,
+    modules: list[str],
+    contexts: Iterable[Contexts],
+    max_tokens: int,
+    max_norm_ratio: float,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Harvests up to `max_tokens` activations of each module (fewer if the data runs out) into one float32
+    tensor [B, D] per module on the CPU, all from the same forward passes and the same kept tokens."""
+    chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
+    total = 0
+    with tqdm(total=max_tokens, desc="harvest", unit="tok", unit_scale=True, disable=not progress) as bar:
+        for batch in contexts:
+            xs, _ = capture_kept(model, modules, batch, max_norm_ratio)
+            n = min(len(xs[modules[0]]), max_tokens - total)
+            for m in modules:
+                chunks[m].append(xs[m][:n].float().cpu())
+            total += n
+            bar.update(n)
+            if total >= max_tokens:
+                break
+    return {m: torch.cat(c) for m, c in chunks.items()}
+
+
+def streamed(
+    model: PreTrainedModel,
+    module: str,
+    contexts: Callable[[], Iterable[Contexts]],
+    capacity: int,
+    batch_size: int,
+    generator: torch.Generator,
+    max_norm_ratio: float,
+    lock: threading.Lock,
+) -> Shuffled:
+    """Activations [batch_size, D] of `module` harvested on the fly through a shuffle buffer of `capacity`
+    tokens, passing over `contexts()` (one pass of context batches each call) again and again; resumable. The
+    source's position is the count of context batches consumed: a resumed stream skips that many without
+    running the model, and whole passes without reading them (the first pass is read for its length).
+
+    Each forward holds `lock`: the stream is produced in a background thread (`stream.prefetch`), and forward
+    hooks are per module, not per thread, so another forward of the model (an evaluation) must not run at the
+    same time."""
+
+    def chunks(start: int) -> Iterator[torch.Tensor]:
+        seen, per_pass = 0, 0
+        while True:
+            if per_pass and seen + per_pass <= start:  # a whole pass to skip: no need to read it
+                seen += (start - seen) // per_pass * per_pass
+            count = 0
+            for batch in contexts():
+                seen += 1
+                count += 1
+                if seen <= start:
+                    continue
+                with lock:
+                    xs, _ = capture_kept(model, [module], batch, max_norm_ratio)
+                yield xs[module].float()
+            per_pass = count
+
+    return Shuffled(chunks, capacity, batch_size, generator)

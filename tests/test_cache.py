@@ -96,6 +96,19 @@ def test_several_modules_keep_the_same_tokens(tmp_path, tiny, contexts):
     assert torch.equal(cache.provenance()["row"], torch.cat(expected["row"]))
 
 
+def test_the_in_memory_and_the_cache_harvest_keep_the_same_tokens(tmp_path, tiny, contexts):
+    """One keep rule for every harvest: several modules harvested in memory hold exactly the cached rows."""
+    model = tiny[0]
+    cache = _write(tmp_path / "cache", model, contexts(), modules=(L1, L2))
+    in_memory = harvest.harvest_tensors(model, [L1, L2], contexts(), 10**6, RATIO)
+    alone = harvest.harvest_tensors(model, [L1], contexts(), 10**6, RATIO)[L1]
+    assert len(alone) != len(in_memory[L1])  # the modules' own masks differ: the rule is seen at work
+    for m in (L1, L2):
+        assert torch.equal(in_memory[m], cache.load(m))
+    capped = harvest.harvest_tensors(model, [L1, L2], contexts(), 300, RATIO)
+    assert all(torch.equal(capped[m], cache.load(m)[:300]) for m in (L1, L2))
+
+
 def test_shards_are_listed_atomic_and_end_after_whole_batches(tmp_path, tiny, contexts):
     cache = _write(tmp_path / "cache", tiny[0], contexts())
     shards = cache.meta["shards"]

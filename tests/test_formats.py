@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae import formats
+from sae import tracking
 from sae.config import (
     ARCHS,
     AnalyzeConfig,
@@ -350,7 +350,7 @@ def test_log_artifacts_logs_the_sae_and_the_dashboard(tmp_path, wandb_offline):
     logged = []
     log_artifact = run.log_artifact
     run.log_artifact = lambda artifact: logged.append(artifact) or log_artifact(artifact)
-    formats.log_artifacts(run, run_dir)
+    tracking.log_artifacts(run, run_dir)
     run.finish()
     wandb_offline.teardown()  # finish() may return before W&B's service has written the run's record
     assert [(a.name, a.type) for a in logged] == [("tiny-sae", "model"), ("tiny-dashboard", "dashboard")]
@@ -364,13 +364,13 @@ def test_log_artifacts_logs_the_sae_and_the_dashboard(tmp_path, wandb_offline):
 
 def test_training_logs_the_run_directory_as_artifacts(tmp_path, corpus, wandb_offline, monkeypatch):
     calls = []
-    log_artifacts = formats.log_artifacts
+    log_artifacts = tracking.log_artifacts
 
     def spy(run, run_dir):
         calls.append(sorted(p.name for p in Path(run_dir).iterdir()))
         return log_artifacts(run, run_dir)
 
-    monkeypatch.setattr(formats, "log_artifacts", spy)
+    monkeypatch.setattr(tracking, "log_artifacts", spy)
     from sae.pipeline import run_training
 
     job = TrainJob(

@@ -216,20 +216,18 @@ def test_resolve_dtype_and_device():
 
 
 def test_harvest_modules_gives_each_module_what_a_single_hook_harvest_gives(tiny, sentences):
-    from sae.pipeline import harvest_in_memory, harvest_modules
-
     model, tokenizer = tiny
     rows = [{"text": s} for s in sentences]
 
     def contexts():
         return packed_contexts(DataConfig(context_size=32), tokenizer, "train", 4, rows=rows)
 
-    both = harvest_modules(model, ["model.layers.1", "model.layers.3"], contexts(), 10**6, 0.0)
+    both = harvest.harvest_tensors(model, ["model.layers.1", "model.layers.3"], contexts(), 10**6, 0.0)
     for name in ("model.layers.1", "model.layers.3"):
-        alone = harvest_in_memory(model, name, contexts(), 10**6, 0.0)
+        alone = harvest.harvest_tensors(model, [name], contexts(), 10**6, 0.0)[name]
         torch.testing.assert_close(both[name], alone)
     # Capped at max_tokens, from the same forward passes for every module.
-    capped = harvest_modules(model, ["model.layers.1", "model.layers.3"], contexts(), 50, 0.0)
+    capped = harvest.harvest_tensors(model, ["model.layers.1", "model.layers.3"], contexts(), 50, 0.0)
     assert [len(x) for x in capped.values()] == [50, 50]
 
 

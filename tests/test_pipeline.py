@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_job
 
-from sae import harvest, stream
+from sae import stream
 from sae.config import ARCHS
 from sae.model import SAE
 from sae.pipeline import run_training
@@ -222,7 +222,7 @@ def test_a_diverged_run_keeps_only_its_last_good_checkpoint(tmp_path, corpus, mo
         for i, x in enumerate(epochs(*args, **kwargs)):
             yield x.fill_(float("nan")) if i == 6 else x
 
-    monkeypatch.setattr(harvest, "epochs", poisoned)
+    monkeypatch.setattr(stream, "epochs", poisoned)
     job = tiny_job(tmp_path, corpus, train={"checkpoint_every": 4, "log_every": 100})
     with pytest.raises(TrainingDiverged, match="last-good-checkpoint") as caught:
         run_training(job)

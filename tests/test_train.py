@@ -9,15 +9,8 @@ from safetensors.torch import load_file
 from sae import harvest, stream
 from sae.config import DataConfig, SAEConfig, TrainConfig
 from sae.data import packed_contexts
-from sae.metrics import (
-    dead_fraction,
-    explained_variance,
-    firing_counts,
-    fvu,
-    l0,
-    next_token_loss,
-    spliced_losses,
-)
+from sae.evaluate import spliced_losses
+from sae.metrics import dead_fraction, explained_variance, firing_counts, fvu, l0
 from sae.model import SAE
 from sae.train import TrainingDiverged, default_lr, geometric_median, lr_factor, train
 
@@ -259,6 +252,31 @@ def test_fvu_l0_firing_counts_dead_fraction():
     counts = firing_counts(acts, idx, 6)
     assert counts.tolist() == [2.0, 2.0, 0.0, 0.0, 0.0, 0.0]
     assert dead_fraction(counts) == pytest.approx(4 / 6)
+
+
+
+@torch.inference_mode()
+def next_token_loss(model, ids, mask, module=None, replace=None) -> tuple[float, int]:
+    """Reference for `spliced_losses`: (summed next-token CE, scored targets) on contexts ids [N, T], with
+    `module`'s output at text positions replaced by `replace(acts [B, D])` when given."""
+    handle = None
+    if module is not None:
+
+        def hook(_module, _inputs, output):
+            h = (output[0] if isinstance(output, tuple) else output).clone()
+            h[mask] = replace(h[mask].float()).to(h.dtype)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        handle = dict(model.named_modules())[module].register_forward_hook(hook)
+    try:
+        logits = model(input_ids=ids, use_cache=False).logits  # [N, T, V]
+    finally:
+        if handle is not None:
+            handle.remove()
+    scored = mask[:, 1:]  # positions whose target is a text token
+    targets = ids[:, 1:][scored]
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets, reduction="sum")
+    return ce.item(), len(targets)
 
 
 def test_next_token_loss_with_identity_splice_equals_clean(tiny, sentences):
