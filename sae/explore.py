@@ -11,32 +11,25 @@ the text's tokens, at most `data.context_size` positions per forward. Special to
 tokens whose activation norm exceeds `model.max_norm_ratio` times the text's median (massive activations,
 see `harvest.keep_rows`) are left out, as in training and analysis; they show as skipped.
 
-The renderers return HTML strings (wrap them in `IPython.display.HTML`); every piece of token or analysis
-text in them is escaped. A feature card is `dashboard.feature_html` plus the analysis keys it does not show
-(`intervals`, `histogram`, `nearest`), each only where present.
+The renderers return HTML strings, each one notebook output (wrap them in `IPython.display.HTML`), drawn with
+the fragments of `sae.views`; every piece of token or analysis text in them is escaped. A feature card is the
+notebook view of a feature, as `dashboard.feature_html` draws it.
 """
 
-import html
 import json
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from sae import dashboard, harvest
+from sae import dashboard, harvest, views
 from sae.config import TrainJob
 from sae.data import bos_eos, special_ids
 from sae.model import SAE, Code
 from sae.rundir import open_run
 
-RGB = "255,140,0"  # the dashboard's highlight colour; alpha carries the activation
-_MONO = "font-family:ui-monospace,Menlo,monospace"
-_MUTED = "color:#888"
-_TABLE = "border-collapse:collapse;font-size:13px"
-_CELL = "padding:2px 8px;border-bottom:1px solid #eee;text-align:left;vertical-align:top"
+_SKIPPED = ";color:#aaa;text-decoration:line-through"  # a token the SAE did not encode, in a text's view
 
 
 # --- loading --------------------------------------------------------------------------------------------
@@ -206,27 +199,18 @@ def feature_rows(analysis: dict) -> list[dict]:
 # --- HTML -----------------------------------------------------------------------------------------------
 
 
-def _esc(s: object) -> str:
-    return dashboard.token_text(str(s))
-
-
-def _alpha(act: float, scale: float) -> float:
-    return min(max(act / scale, 0.0), 1.0) if scale > 0 else 0.0
-
-
-def _span(token: str, act: float, scale: float, title: str, extra: str = "") -> str:
-    style = f"background:rgba({RGB},{_alpha(act, scale):.2f})" + extra
-    return f'<span title="{html.escape(title)}" style="{style}">{_esc(token)}</span>'
-
-
 def _density(d: float | None) -> str:
     return "-" if d is None else ("dead" if d <= 0 else f"{100 * d:.3g}%")
 
 
+def _text(s: str) -> str:
+    return f'<span class="t">{views.token_text(s)}</span>'
+
+
 def _table(header: list[str], rows: Iterable[list[str]]) -> str:
-    head = "".join(f'<th style="{_CELL}">{h}</th>' for h in header)
-    body = "".join("<tr>" + "".join(f'<td style="{_CELL}">{c}</td>' for c in r) + "</tr>" for r in rows)
-    return f'<table style="{_TABLE}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    head = "".join(f"<th>{h}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return views.notebook(f'<table class="grid"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
 
 
 def text_html(found: TextFeatures, feature: int, scale: float | None = None) -> str:
@@ -241,14 +225,13 @@ def text_html(found: TextFeatures, feature: int, scale: float | None = None) -> 
     spans = []
     for token, act, kept in zip(found.tokens, acts, found.kept):
         if kept:
-            spans.append(_span(token, act, scale, f"{token!r}  feature {feature}: {act:.3f}"))
+            spans.append(views.shade(token, act, scale, f"{token!r}  feature {feature}: {act:.3f}"))
         else:
             title = f"{token!r}  skipped: special token or massive activation, not encoded"
-            spans.append(_span(token, 0.0, 1.0, title, ";color:#aaa;text-decoration:line-through"))
-    head = (f'<div style="{_MUTED}">feature {feature}: max {max(acts):.2f} on this text, shading relative to '
-            f"{scale:.2f}</div>")  # fmt: skip
-    body = f'<div style="{_MONO};white-space:pre-wrap;line-height:1.9">{"".join(spans)}</div>'
-    return f'<div class="sae-text">{head}{body}</div>'
+            spans.append(views.shade(token, 0.0, 1.0, title, _SKIPPED))
+    head = f"feature {feature}: max {max(acts):.2f} on this text, shading relative to {scale:.2f}"
+    body = f'<div class="t wrap">{"".join(spans)}</div>'
+    return views.notebook(f'<div class="sae-text"><div class="muted">{head}</div>{body}</div>')
 
 
 def tokens_html(found: TextFeatures, top: int = 5) -> str:
@@ -256,21 +239,30 @@ def tokens_html(found: TextFeatures, top: int = 5) -> str:
     scale = float(found.code.acts.max()) if found.code.acts.numel() else 0.0
     rows = []
     for r in found.per_token(top):
-        pills = " ".join(_span(f"#{f} {a:.2f}", a, scale, f"feature {f}: {a:.3f}") for f, a in r["features"])
-        state = "" if r["kept"] else f'<span style="{_MUTED}">skipped</span>'
-        rows.append([str(r["pos"]), f'<span style="{_MONO};white-space:pre;background:#f0f0f0">{_esc(r["token"])}</span>',
-                     f'<span style="{_MONO}">{pills}</span>{state}'])  # fmt: skip
+        pills = " ".join(
+            views.shade(f"#{f} {a:.2f}", a, scale, f"feature {f}: {a:.3f}") for f, a in r["features"]
+        )
+        state = "" if r["kept"] else '<span class="muted">skipped</span>'
+        token = f'<span class="pill">{views.token_text(r["token"])}</span>'
+        rows.append([str(r["pos"]), token, f'<span class="t">{pills}</span>{state}'])
     return _table(["pos", "token", f"top {top} features (id act)"], rows)
 
 
 def ranked_html(found: TextFeatures) -> str:
     """The features ranked on the text: activation here, density and what the analysis says of them."""
     rows = [
-        [str(i + 1), f"<strong>{r['id']}</strong>", f"{r['total']:.2f}", f"{r['max']:.2f}", str(r["tokens"]),
-         _density(r["density"]), f'<span style="{_MONO};white-space:pre">{_esc(" ".join(map(repr, r["promotes"])))}</span>',
-         f'<span style="{_MONO};white-space:pre">{_esc(r["example"])}</span>']
+        [
+            str(i + 1),
+            f"<strong>{r['id']}</strong>",
+            f"{r['total']:.2f}",
+            f"{r['max']:.2f}",
+            str(r["tokens"]),
+            _density(r["density"]),
+            _text(" ".join(map(repr, r["promotes"]))),
+            _text(r["example"]),
+        ]
         for i, r in enumerate(found.ranked)
-    ]  # fmt: skip
+    ]
     header = ["rank", "feature", "total", "max", "tokens", "density", "promotes", "top example"]
     return _table(header, rows)
 
@@ -281,89 +273,21 @@ def index_html(analysis: dict, n: int = 20, sort: str = "max_act") -> str:
         raise ValueError(f"sort={sort!r}; accepted: 'max_act', 'density', 'mean_act' or 'id'")
     rows = sorted(feature_rows(analysis), key=lambda r: r["id"] if sort == "id" else -r[sort])[:n]
     cells = [
-        [f"<strong>{r['id']}</strong>", _density(r["density"]), f"{r['max_act']:.2f}", f"{r['mean_act']:.2f}",
-         f'<span style="{_MONO};white-space:pre">{_esc(r["promotes"])}</span>',
-         f'<span style="{_MONO};white-space:pre">{_esc(r["example"])}</span>']
+        [
+            f"<strong>{r['id']}</strong>",
+            _density(r["density"]),
+            f"{r['max_act']:.2f}",
+            f"{r['mean_act']:.2f}",
+            _text(r["promotes"]),
+            _text(r["example"]),
+        ]
         for r in rows
-    ]  # fmt: skip
+    ]
     return _table(["feature", "density", "max act", "mean act", "promotes", "top example"], cells)
 
 
-def _example_html(ex: dict, scale: float) -> str:
-    spans = "".join(
-        _span(t, a, scale, f"act={a:.2f}", ";outline:1.5px solid #c00" if i == ex.get("center") else "")
-        for i, (t, a) in enumerate(zip(ex["tokens"], ex["acts"]))
-    )
-    act = f'<span style="{_MUTED}">{float(ex.get("act", 0)):6.2f}  </span>' if "act" in ex else ""
-    return f'<div style="{_MONO};white-space:pre;line-height:1.9;overflow-x:auto">{act}{spans}</div>'
-
-
-def _is_example(x: Any) -> bool:
-    return isinstance(x, dict) and isinstance(x.get("tokens"), list) and isinstance(x.get("acts"), list)
-
-
-def _number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
-
-
-# The optional analysis fields, as `sae.site` reads them; a field of another shape is left out of the card.
-
-
-def _intervals_html(intervals: Any, scale: float) -> str:
-    """Samples by activation band: [{"lo", "hi", "count", "examples"}, ...]."""
-    parts = []
-    for band in intervals if isinstance(intervals, list) else []:
-        if not (isinstance(band, dict) and _number(band.get("lo")) and _number(band.get("hi"))):
-            continue
-        count = f" · {band['count']:,} tokens" if _number(band.get("count")) else ""
-        head = f'<div style="{_MUTED};margin-top:4px">act {band["lo"]:.2f} – {band["hi"]:.2f}{count}</div>'
-        examples = band.get("examples")
-        examples = [ex for ex in examples if _is_example(ex)] if isinstance(examples, list) else []
-        parts.append(head + "".join(_example_html(ex, scale) for ex in examples))
-    if not parts:
-        return ""
-    return (
-        f'<div><div style="{_MUTED}"><strong>samples by activation band</strong></div>{"".join(parts)}</div>'
-    )
-
-
-def _histogram_html(hist: Any) -> str:
-    """Activation histogram {"counts": [n], "edges": [n + 1]} as bars, heights on a log scale (counts fall by
-    orders of magnitude from the weakest bin to the strongest)."""
-    counts, edges = (hist.get("counts"), hist.get("edges")) if isinstance(hist, dict) else (None, None)
-    if not (isinstance(counts, list) and counts and all(map(_number, counts))):
-        return ""
-    if not (isinstance(edges, list) and len(edges) == len(counts) + 1 and all(map(_number, edges))):
-        return ""
-    top = max(math.log1p(c) for c in counts) or 1.0
-    bars = "".join(
-        f'<div title="{lo:.3g} – {hi:.3g}: {c:,} tokens" style="width:6px;margin-right:1px;'
-        f'height:{max(1, round(40 * math.log1p(c) / top))}px;background:rgb({RGB})"></div>'
-        for c, lo, hi in zip(counts, edges, edges[1:])
-    )
-    return (f'<div><span style="{_MUTED}">activation histogram {edges[0]:.2f} … {edges[-1]:.2f} (log scale)'
-            f'</span><div style="display:flex;align-items:flex-end;height:42px">{bars}</div></div>')  # fmt: skip
-
-
-def _nearest_html(nearest: Any) -> str:
-    """Nearest features by decoder cosine: [[id, cos], ...]."""
-    items = nearest if isinstance(nearest, list) else []
-    pairs = [p for p in items if isinstance(p, list | tuple) and len(p) == 2 and all(map(_number, p))]
-    style = f"{_MONO};background:#eee;padding:0 3px"
-    pills = [f'<span style="{style}">#{int(i)} <small>{c:.2f}</small></span>' for i, c in pairs]
-    if not pills:
-        return ""
-    return f'<div><span style="{_MUTED}">nearest (decoder cosine)</span> {" ".join(pills)}</div>'
-
-
 def feature_card(feature: dict) -> str:
-    """One feature as an HTML card: the dashboard's view (density, max and mean activation, logit lens, top
-    examples highlighted) and, where the analysis has them, interval samples, the activation histogram and
-    the nearest features."""
-    scale = float(feature.get("max_act") or 0)
-    extras = [
-        _histogram_html(feature["histogram"]) if "histogram" in feature else "",
-        _nearest_html(feature["nearest"]) if "nearest" in feature else "",
-        _intervals_html(feature["intervals"], scale) if "intervals" in feature else "",
-    ]
-    return f'<div class="sae-card">{dashboard.feature_html(feature)}{"".join(extras)}</div>'
+    """One feature as an HTML card: density, max and mean activation, the activation histogram, logit lens,
+    top examples highlighted, samples by activation band and the nearest features, each optional field only
+    where the analysis has it."""
+    return dashboard.feature_html(feature)

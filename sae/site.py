@@ -7,34 +7,31 @@
 
     index.html          header and the feature list: search, sort, hide dead, only the rows in view drawn
     index-data.js       the list's data as a script setting `SAE_INDEX` (browsers refuse fetch() from file://)
-    features/<id>.html  one page per feature: statistics, activation histogram, top examples, samples by
-                        activation band, promoted/suppressed tokens, nearest features, previous/next
+    features/<id>.html  one page per feature: statistics, activation histogram, promoted/suppressed tokens,
+                        top examples, samples by activation band, nearest features, previous/next
     site.css, site.js   shared by every page
 
-Feature pages are HTML rendered here, so they read without JavaScript and token text reaches the browser only
-escaped; the index is drawn in the browser from `index-data.js`, escaping as it goes. The optional analysis
-fields (`histogram`, `intervals`, `nearest`) are shown where present.
+Feature pages are HTML rendered here, their body by `sae.views` as notebooks draw it, so they read without
+JavaScript and token text reaches the browser only escaped; the index is drawn in the browser from
+`index-data.js`, escaping as it goes. The optional analysis fields (`histogram`, `intervals`, `nearest`) are
+shown where present.
 """
 
 import argparse
 import functools
 import html
 import json
-import math
 import os
 import shutil
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from sae.dashboard import density_text, load_analysis
-from sae.dashboard import token_text as _token_text
+from sae import views
+from sae.dashboard import load_analysis
 
 SNIPPET = (6, 2)  # tokens before and after the activating one in the index's one-line example
 TOP_TOKENS = 8  # distinct activating tokens per feature, searchable in the index
 UP_TOKENS = 5  # promoted tokens per feature, shown and searchable in the index
-
-# Tokens repeat across examples and pages; the vocabulary bounds the cache of their escaped text.
-token_text = functools.lru_cache(maxsize=1 << 18)(_token_text)
 
 
 def build_site(run_dir: str | Path, out: str | Path | None = None) -> Path:
@@ -86,10 +83,6 @@ def _json(obj: object) -> str:
     return json.dumps(obj, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
 
 
-def _alpha(act: float, max_act: float) -> float:
-    return min(max(act / max_act, 0.0), 1.0) if max_act > 0 else 0.0
-
-
 def _top_tokens(f: dict) -> list[str]:
     """The distinct tokens a feature fires hardest on, from its top examples, strongest first."""
     tokens = dict.fromkeys(ex["tokens"][ex["center"]] for ex in f["examples"])
@@ -106,7 +99,7 @@ def _index_row(f: dict) -> list:
         ex = f["examples"][0]
         lo, hi = max(0, ex["center"] - SNIPPET[0]), ex["center"] + SNIPPET[1] + 1
         tokens = ex["tokens"][lo:hi]
-        acts = [round(100 * _alpha(a, f["max_act"])) for a in ex["acts"][lo:hi]]
+        acts = [round(100 * views.alpha(a, f["max_act"])) for a in ex["acts"][lo:hi]]
         center = ex["center"] - lo
     up = [t for t, _ in f.get("top_logits", [])][:UP_TOKENS]
     hist = f["histogram"]["counts"] if f.get("histogram") else None
@@ -127,7 +120,7 @@ def _summary(analysis: dict) -> str:
 
 def _head(title: str, css: str) -> str:
     return (
-        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<!doctype html>\n<html lang="en" class="sae"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f'<title>{html.escape(title)}</title><link rel="stylesheet" href="{css}"></head>\n'
     )
@@ -150,107 +143,21 @@ def _index_page(analysis: dict) -> str:
     )
 
 
-def _tokens(ex: dict, max_act: float) -> str:
-    """An example's tokens: each token the feature fires on is a span with its activation as background
-    (`--a`, a fraction of max act) and on hover, the activating token is boxed (`c`). Tokens where it is zero
-    stay plain text: at 50 examples a feature, spans on them too would double the size of the site."""
-    parts = []
-    for i, (token, act) in enumerate(zip(ex["tokens"], ex["acts"], strict=True)):
-        attrs = ' class="c"' if i == ex["center"] else ""
-        if act > 0:
-            attrs += f' style="--a:{_alpha(act, max_act):.2f}" title="act {act:.2f}"'
-        parts.append(f"<span{attrs}>{token_text(token)}</span>" if attrs else token_text(token))
-    return "".join(parts)
-
-
-def _examples(examples: list[dict], max_act: float) -> str:
-    if not examples:
-        return '<p class="muted">no examples</p>'
-    rows = "".join(
-        f'<tr><td class="v">{ex["act"]:.2f}</td><td class="t">{_tokens(ex, max_act)}</td>'
-        f'<td class="p">row {ex["row"]} · pos {ex["pos"]}</td></tr>'
-        for ex in examples
-    )
-    return f'<table class="ex">{rows}</table>'
-
-
-def _histogram(hist: dict) -> str:
-    """Bars of the activation histogram as inline SVG; heights on a log scale, since counts fall by orders of
-    magnitude from the weakest bin to the strongest."""
-    counts, edges = hist["counts"], hist["edges"]
-    width, height = 480, 90
-    top = max((math.log1p(c) for c in counts), default=0) or 1
-    step = width / max(len(counts), 1)
-    bars = []
-    for i, c in enumerate(counts):
-        h = height * math.log1p(c) / top
-        bars.append(
-            f'<rect x="{i * step:.1f}" y="{height - h:.1f}" width="{step - 1:.1f}" height="{h:.1f}">'
-            f"<title>{edges[i]:.3g} – {edges[i + 1]:.3g}: {c:,} tokens</title></rect>"
-        )
-    labels = (
-        f'<text x="0" y="{height + 14}">{edges[0]:.3g}</text>'
-        f'<text x="{width}" y="{height + 14}" text-anchor="end">{edges[-1]:.3g}</text>'
-    )
-    return (
-        f'<svg class="hist" viewBox="0 0 {width} {height + 18}" width="{width}" height="{height + 18}"'
-        f' role="img" aria-label="activation histogram">{"".join(bars)}{labels}</svg>'
-        f'<p class="muted">{sum(counts):,} activations; bar height log scale</p>'
-    )
-
-
-def _logits(label: str, pairs: list, cls: str) -> str:
-    pills = " ".join(f'<span class="pill">{token_text(t)} <small>{v:+.2f}</small></span>' for t, v in pairs)
-    return f'<p class="{cls}"><span class="muted">{label}</span> {pills}</p>'
-
-
-def _nearest(nearest: list, first_token: dict[int, list[str]]) -> str:
-    items = []
-    for fid, cos in nearest:
-        name = f"#{fid}"
-        link = f'<a href="{fid}.html">{name}</a>' if fid in first_token else name
-        token = "".join(f' <span class="pill">{token_text(t)}</span>' for t in first_token.get(fid, []))
-        items.append(f"<li>{link}{token} <small>cos {cos:.2f}</small></li>")
-    return f'<ol class="near">{"".join(items)}</ol>'
-
-
 def _feature_page(
-    f: dict, analysis: dict, summary: str, prev: int | None, next_: int | None, first_token: dict
+    f: dict, analysis: dict, summary: str, prev: int | None, next_: int | None, names: dict[int, list[str]]
 ) -> str:
-    fid, max_act = f["id"], f["max_act"]
     nav = [
         f'<a rel="prev" href="{prev}.html">← #{prev}</a>' if prev is not None else "",
         '<a href="../index.html">all features</a>',
         f'<a rel="next" href="{next_}.html">#{next_} →</a>' if next_ is not None else "",
     ]
     parts = [
-        _head(f"Feature {fid} · {analysis['model']} · {analysis['hook']}", "../site.css"),
+        _head(f"Feature {f['id']} · {analysis['model']} · {analysis['hook']}", "../site.css"),
         f'<body class="feature{"" if f["density"] > 0 else " dead"}">',
         f'<header><nav class="pn">{" · ".join(nav)}</nav>{summary}</header>',
-        f"<main><h1>Feature {fid}</h1>",
-        f'<p class="stats">{density_text(f["density"])} · max act {max_act:.2f} · mean act {f["mean_act"]:.2f}</p>',
+        f"<main>{views.feature_body(f, names)}</main>",
+        '<script src="../site.js"></script></body></html>\n',
     ]
-    if f.get("histogram"):
-        parts.append(f"<h2>Activation histogram</h2>{_histogram(f['histogram'])}")
-    if f.get("top_logits") or f.get("bottom_logits"):
-        parts.append("<h2>Logit lens</h2>")
-        if f.get("top_logits"):
-            parts.append(_logits("promotes", f["top_logits"], "up"))
-        if f.get("bottom_logits"):
-            parts.append(_logits("suppresses", f["bottom_logits"], "down"))
-    parts.append(f"<h2>Top activations</h2>{_examples(f['examples'], max_act)}")
-    if f.get("intervals"):
-        parts.append("<h2>Samples by activation band</h2>")
-        for band in sorted(f["intervals"], key=lambda b: -b["lo"]):  # strongest first, as the top examples
-            if not band["count"] and not band["examples"]:
-                continue
-            head = f"act {band['lo']:.2f} – {band['hi']:.2f} <small>· {band['count']:,} tokens</small>"
-            parts.append(f"<h3>{head}</h3>{_examples(band['examples'], max_act)}")
-    if f.get("nearest"):
-        parts.append(
-            f"<h2>Nearest features <small>(decoder cosine)</small></h2>{_nearest(f['nearest'], first_token)}"
-        )
-    parts.append('</main><script src="../site.js"></script></body></html>\n')
     return "\n".join(parts)
 
 
@@ -258,8 +165,14 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m sae.site RUN_DIR [--serve [PORT]] [--rebuild]`."""
     parser = argparse.ArgumentParser(prog="python -m sae.site", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory holding analysis/features.json")
-    parser.add_argument("--serve", nargs="?", const=8000, type=int, metavar="PORT",
-                        help="then serve the site on http://127.0.0.1:PORT/ (default 8000; 0 picks a free port)")  # fmt: skip
+    parser.add_argument(
+        "--serve",
+        nargs="?",
+        const=8000,
+        type=int,
+        metavar="PORT",
+        help="then serve the site on http://127.0.0.1:PORT/ (default 8000; 0 picks a free port)",
+    )
     parser.add_argument(
         "--rebuild", action="store_true", help="build even if the site is newer than the analysis"
     )
@@ -289,22 +202,16 @@ def main(argv: list[str] | None = None) -> None:
                 pass
 
 
-_CSS = """\
-/* Shared by index.html and features/*.html (sae/site.py). */
+# Shared by index.html and features/*.html: the fragments' rules (`views.CSS`), then the pages' own.
+_CSS = (
+    views.CSS
+    + """\
 body{margin:0;font:14px/1.45 system-ui,sans-serif;color:#222}
 header{padding:8px 14px;background:#2b2b2b;color:#ddd}
 header strong{color:#fff}
 header a{color:#9cf}
 a{color:#0660c0;text-decoration:none}
 a:hover{text-decoration:underline}
-.muted,small{color:#888}
-.pill{font-family:ui-monospace,Menlo,monospace;white-space:pre;padding:0 3px;border-radius:3px;background:#eee}
-.up .pill{background:#d9f2d9}
-.down .pill{background:#f6d5d5}
-/* Tokens: --a is the activation as a fraction of the feature's max; .c is the activating token. */
-.t{font-family:ui-monospace,Menlo,monospace;white-space:pre}
-.t span{background:rgba(255,140,0,var(--a,0));border-radius:2px}
-.t span.c{outline:1.5px solid #c00;font-weight:bold}
 
 body.index{display:flex;flex-direction:column;height:100vh}
 #controls{display:flex;gap:14px;align-items:center;padding:8px 14px;border-bottom:1px solid #ddd}
@@ -327,21 +234,13 @@ body.index{display:flex;flex-direction:column;height:100vh}
 #rows .row:hover{background:#f4f4f4;text-decoration:none}
 .row.dead{color:#bbb}
 .spark{display:block}
-.spark rect,.hist rect{fill:#e08a1e}
+.spark rect{fill:#e08a1e}
 
 body.feature main{max-width:1200px;padding:4px 20px 40px}
 body.dead main{color:#999}
 nav.pn{float:right}
-h1{font-size:1.4em;margin:.6em 0 .1em}
-h2{font-size:1.05em;margin:1.4em 0 .4em;border-bottom:1px solid #eee}
-h3{font-size:.95em;margin:1em 0 .3em}
-table.ex{border-collapse:collapse}
-table.ex td{padding:1px 10px 1px 0;vertical-align:top;line-height:1.8}
-td.v{text-align:right;color:#888;font-variant-numeric:tabular-nums}
-td.p{color:#aaa;font-size:12px;white-space:nowrap}
-.hist text{font-size:10px;fill:#888}
-ol.near{display:flex;flex-wrap:wrap;gap:4px 28px;list-style:none;padding:0}
 """
+)
 
 _JS = r"""// Shared by index.html and features/*.html (sae/site.py).
 // The index draws the feature list from SAE_INDEX (index-data.js): search, sort, hide dead features. Every
