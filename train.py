@@ -34,8 +34,11 @@ def main(cfg) -> None:
         metrics = run_training(job)
     except Interrupted as e:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"{e}\nrun_dir={job.run_dir} is unfinished: run the same command with resume=true to continue "
-                  "it", file=sys.stderr)  # fmt: skip
+            print(
+                f"{e}\nrun_dir={job.run_dir} is unfinished: run the same command with resume=true to continue "
+                "it",
+                file=sys.stderr,
+            )
         pass_on(e.signum)
     finally:
         if dist.is_initialized():

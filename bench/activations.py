@@ -29,7 +29,9 @@ def activation_file(model_cfg: ModelConfig, data: DataConfig, train_tokens: int,
     tensors = {}
     for split, tokens in (("train", train_tokens), ("test", test_tokens)):
         contexts = packed_contexts(data, tokenizer, split, model_cfg.batch_size)
-        tensors[split] = harvest.harvest_tensors(model, [module], contexts, tokens, model_cfg.max_norm_ratio)[module]
+        tensors[split] = harvest.harvest_tensors(model, [module], contexts, tokens, model_cfg.max_norm_ratio)[
+            module
+        ]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_tensors(path, tensors)
     return path

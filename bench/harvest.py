@@ -125,17 +125,21 @@ def main() -> None:
     def faster(a: str, b: str) -> float:  # how many times faster a runs than b, the median over batches
         return statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
 
-    print(f"model {cfg.name}, hook {module}, dtype {next(model.parameters()).dtype}, "
-          f"{args.batches} batches x {cfg.batch_size} contexts, {tokens} text tokens (medians over batches)")  # fmt: skip
+    print(
+        f"model {cfg.name}, hook {module}, dtype {next(model.parameters()).dtype}, "
+        f"{args.batches} batches x {cfg.batch_size} contexts, {tokens} text tokens (medians over batches)"
+    )
     print(f"SAE {sae.arch}, d_sae {sae.d_sae}, k {sae.k}: {which}")
     for name, ts in times.items():
         print(f"{name:>8}: {statistics.median(n / t for n, t in zip(n_tok, ts)):9.0f} tok/s")
     print(
         f"ours / limit = {faster('ours', 'limit'):.2f}   ours / full-model hook = {faster('ours', 'full'):.2f}"
     )
-    print(f"analysis / (harvest + encode) = {faster('analysis', 'encode'):.2f}  (>= 1: no slower); "
-          f"FeatureStats.update {1000 * statistics.median(update_s[1:]):.0f} ms/batch, "
-          f"{statistics.median(u / t for u, t in zip(update_s[1:], times['analysis'])):.1%} of analysis")  # fmt: skip
+    print(
+        f"analysis / (harvest + encode) = {faster('analysis', 'encode'):.2f}  (>= 1: no slower); "
+        f"FeatureStats.update {1000 * statistics.median(update_s[1:]):.0f} ms/batch, "
+        f"{statistics.median(u / t for u, t in zip(update_s[1:], times['analysis'])):.1%} of analysis"
+    )
 
 
 if __name__ == "__main__":

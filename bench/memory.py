@@ -51,23 +51,35 @@ def main() -> None:
 
     x_train, _ = acts_file.load(acts_file.activation_file(ModelConfig(), DataConfig(), 600_000, 65_536))
     tokens = args.steps * args.batch_size
-    cfg = TrainConfig(tokens=tokens, batch_size=args.batch_size, log_every=args.every, eval_every=0,
-                      checkpoint_every=args.checkpoint_every)  # fmt: skip
+    cfg = TrainConfig(
+        tokens=tokens,
+        batch_size=args.batch_size,
+        log_every=args.every,
+        eval_every=0,
+        checkpoint_every=args.checkpoint_every,
+    )
     samples: list[tuple[int, float]] = []
     start = time.perf_counter()
     batches = stream.prefetch(
         stream.epochs(x_train, args.batch_size, tokens, torch.Generator().manual_seed(0))
     )
     with tempfile.TemporaryDirectory() as checkpoints:
-        train(SAEConfig(), cfg, batches, log=lambda metrics, step: samples.append((step, rss_mib())),
-              checkpoint_dir=Path(checkpoints) / "checkpoint" if args.checkpoint_every else None)  # fmt: skip
+        train(
+            SAEConfig(),
+            cfg,
+            batches,
+            log=lambda metrics, step: samples.append((step, rss_mib())),
+            checkpoint_dir=Path(checkpoints) / "checkpoint" if args.checkpoint_every else None,
+        )
     batches.close()
     print(f"{args.steps} steps of {args.batch_size} in {time.perf_counter() - start:.0f} s; resident memory:")
     for step, rss in samples:
         print(f"  step {step:6d}: {rss:8.1f} MiB")
     warm_step, warm = next((step, rss) for step, rss in samples if step >= args.steps // 10)
-    print(f"growth after warm-up (step {warm_step} -> {samples[-1][0]}): {samples[-1][1] - warm:+.1f} MiB "
-          f"({(samples[-1][1] - warm) / warm:+.2%})")  # fmt: skip
+    print(
+        f"growth after warm-up (step {warm_step} -> {samples[-1][0]}): {samples[-1][1] - warm:+.1f} MiB "
+        f"({(samples[-1][1] - warm) / warm:+.2%})"
+    )
 
 
 if __name__ == "__main__":

@@ -110,8 +110,10 @@ def main() -> None:
     d_sae = args.expansion * d_in
     model, tokenizer = harvest.load_model(model_cfg)
     module = harvest.resolve_module(model, model_cfg)
-    print(f"{model_cfg.name} {module}: {len(x_train):,} training tokens (d_in {d_in}), {len(x_test):,} held out; "
-          f"d_sae {d_sae}, k {args.k}, {args.tokens:,} training tokens per SAE")  # fmt: skip
+    print(
+        f"{model_cfg.name} {module}: {len(x_train):,} training tokens (d_in {d_in}), {len(x_test):,} held out; "
+        f"d_sae {d_sae}, k {args.k}, {args.tokens:,} training tokens per SAE"
+    )
 
     trainers: dict[str, Callable[[], tuple[Reconstruct, float]]] = {}
     for arch in args.archs.split(","):
@@ -134,15 +136,31 @@ def main() -> None:
         reconstruct, seconds = fit()
         row = held_out(reconstruct, x_test, d_sae)
         if args.loss_contexts:
-            spliced = loss_recovered(lambda x, r=reconstruct: r(x.float())[0], model, tokenizer, module, model_cfg,
-                                     data, args.loss_contexts, progress=False)  # fmt: skip
+            spliced = loss_recovered(
+                lambda x, r=reconstruct: r(x.float())[0],
+                model,
+                tokenizer,
+                module,
+                model_cfg,
+                data,
+                args.loss_contexts,
+                progress=False,
+            )
             row |= {k: spliced[k] for k in ("delta_ce", "kl_spliced", "loss_recovered")}
         row["train_seconds"] = seconds
         results[name] = row
         print(f"{name}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
 
-    columns = ["fvu", "explained_variance", "l0", "dead_fraction", "delta_ce", "kl_spliced", "loss_recovered",
-               "train_seconds"]  # fmt: skip
+    columns = [
+        "fvu",
+        "explained_variance",
+        "l0",
+        "dead_fraction",
+        "delta_ce",
+        "kl_spliced",
+        "loss_recovered",
+        "train_seconds",
+    ]
     print("\n| SAE | " + " | ".join(columns) + " | FVU / ours |")
     print("|---" * (len(columns) + 2) + "|")
     base = next(iter(results.values()))["fvu"]

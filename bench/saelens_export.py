@@ -33,7 +33,9 @@ def held_out(model_cfg: ModelConfig, tokens: int) -> torch.Tensor:
             print(f"activations: {path} (test split)")
             return f.get_tensor("test")[:tokens].float()
     contexts = packed_contexts(DataConfig(), tokenizer, "test", model_cfg.batch_size)
-    return harvest.harvest_tensors(model, [module], contexts, tokens, model_cfg.max_norm_ratio)[module].float()
+    return harvest.harvest_tensors(model, [module], contexts, tokens, model_cfg.max_norm_ratio)[
+        module
+    ].float()
 
 
 @torch.no_grad()
@@ -48,8 +50,10 @@ def compare(sae_dir: Path, x: torch.Tensor, model: str, hook: str, chunk: int = 
             warnings.filterwarnings("ignore", r"\s*This SAE has non-empty", UserWarning)
             theirs = sae_lens.SAE.load_from_disk(out)
         back, _ = from_saelens(out)
-    print(f"SAE: {sae_dir} ({ours.arch}, d_in {ours.d_in}, d_sae {ours.d_sae}, k {ours.k}) -> SAELens "
-          f"{type(theirs).__name__} {sae_lens.__version__}; {len(x)} tokens")  # fmt: skip
+    print(
+        f"SAE: {sae_dir} ({ours.arch}, d_in {ours.d_in}, d_sae {ours.d_sae}, k {ours.k}) -> SAELens "
+        f"{type(theirs).__name__} {sae_lens.__version__}; {len(x)} tokens"
+    )
     dz = dx = db = scale = 0.0
     same = err = err_l = var = 0.0
     for xb in x.split(chunk):

@@ -75,8 +75,10 @@ def main() -> None:
     tokens = args.steps * B
     ours_dtype = resolve_dtype("auto", torch.device("cpu"))
     peak = {dt: matmul_peak(B, D, F, dt) for dt in (torch.float32, torch.bfloat16)}
-    print(f"{len(x_train):,} activations of width {D}; d_sae {F}, k {args.k}, batch {B}, {args.steps} steps, "
-          f"{args.threads} threads")  # fmt: skip
+    print(
+        f"{len(x_train):,} activations of width {D}; d_sae {F}, k {args.k}, batch {B}, {args.steps} steps, "
+        f"{args.threads} threads"
+    )
     for dt, flops in peak.items():
         print(
             f"matmul peak [{B}, {D}] @ [{D}, {F}], {str(dt).removeprefix('torch.')}: {flops / 1e9:.1f} GFLOP/s"
@@ -104,18 +106,23 @@ def main() -> None:
     for name, tps in speed.items():
         print(f"| {name} | {tps:,.0f} | {speed[ours_name] / tps:.2f} |")
     achieved = speed[ours_name] * 2 * D * F
-    print(f"\nours: {achieved / 1e9:.1f} GFLOP/s in the encoder product = {achieved / peak[ours_dtype]:.2f} of the "
-          f"{str(ours_dtype).removeprefix('torch.')} matmul peak")  # fmt: skip
+    print(
+        f"\nours: {achieved / 1e9:.1f} GFLOP/s in the encoder product = {achieved / peak[ours_dtype]:.2f} of the "
+        f"{str(ours_dtype).removeprefix('torch.')} matmul peak"
+    )
 
     if args.quality_tokens:
         fvus = {}
         for precision in ("bfloat16", "float32"):
-            reconstruct, _ = quality.ours("topk", x_train, F, args.k, args.quality_tokens, B, args.seed,
-                                         precision=precision)  # fmt: skip
+            reconstruct, _ = quality.ours(
+                "topk", x_train, F, args.k, args.quality_tokens, B, args.seed, precision=precision
+            )
             fvus[precision] = quality.held_out(reconstruct, x_test, F)["fvu"]
         change = fvus["bfloat16"] / fvus["float32"] - 1
-        print(f"\nheld-out FVU after {args.quality_tokens:,} tokens: bf16 {fvus['bfloat16']:.4f}, "
-              f"fp32 {fvus['float32']:.4f} ({change:+.2%} for bf16; bar: at most +1%)")  # fmt: skip
+        print(
+            f"\nheld-out FVU after {args.quality_tokens:,} tokens: bf16 {fvus['bfloat16']:.4f}, "
+            f"fp32 {fvus['float32']:.4f} ({change:+.2%} for bf16; bar: at most +1%)"
+        )
 
 
 if __name__ == "__main__":

@@ -110,8 +110,14 @@ def _first_per_group(group: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     return groups, slot, u, rank[slot]
 
 
-def _place(score: torch.Tensor, empty: float, rows: torch.Tensor, u: torch.Tensor, rank: torch.Tensor,
-           new: torch.Tensor) -> tuple[torch.Tensor, ...]:  # fmt: skip
+def _place(
+    score: torch.Tensor,
+    empty: float,
+    rows: torch.Tensor,
+    u: torch.Tensor,
+    rank: torch.Tensor,
+    new: torch.Tensor,
+) -> tuple[torch.Tensor, ...]:
     """Where candidates go in a table of kept examples whose scores `score` [R, n] are in no particular order
     (`empty` in an empty slot): candidate c, scored new[c], competes for row rows[u[c]] (at most n per row,
     rank[c] among them). Each of the `rows` [U] keeps its n best of old and new, a candidate taking the slot
@@ -168,8 +174,14 @@ class FeatureStats:
 
     def _bands(self) -> list[torch.Tensor]:
         """The band samples' tensors in `_BAND_EMPTY` order, each [F, I, n, ...]."""
-        return [self.interval_key, self.interval_act, self.interval_row, self.interval_pos,
-                self.interval_window_ids, self.interval_window_acts]  # fmt: skip
+        return [
+            self.interval_key,
+            self.interval_act,
+            self.interval_row,
+            self.interval_pos,
+            self.interval_window_ids,
+            self.interval_window_acts,
+        ]
 
     @torch.no_grad()
     def update(self, code: Code, used: torch.Tensor, batch: Contexts) -> None:
@@ -245,8 +257,16 @@ class FeatureStats:
         for t, v in zip(self._bands(), [bkey, ba, row[C:], pos[C:], ids[C:], w_acts[C:]]):
             t.view(F * nb, n, *t.shape[3:])[band_row, band_slot] = v
 
-    def _windows(self, b: torch.Tensor, f: torch.Tensor, nt: torch.Tensor, used: torch.Tensor, batch: Contexts,
-                 acts: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def _windows(
+        self,
+        b: torch.Tensor,
+        f: torch.Tensor,
+        nt: torch.Tensor,
+        used: torch.Tensor,
+        batch: Contexts,
+        acts: torch.Tensor,
+        idx: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Context windows around tokens b [C] for latents f [C]: positions t - before .. t + after of the same
         context, their token ids (-1 beyond the context) and latent f's act at each [C, W]. The acts are looked
         up in the code (acts, idx [B, K]) sorted by (latent, token): the window's tokens are consecutive code
@@ -308,12 +328,27 @@ class FeatureStats:
             "density": self.count / max(self.tokens, 1),
             "max_act": self.max_act,
             "mean_act": self.act_sum / self.count.clamp_min(1),
-            **dict(zip(("top_act", "top_row", "top_pos", "window_ids", "window_acts"), _sorted(top, self.top_act))),
-            **dict(zip(("interval_act", "interval_row", "interval_pos", "interval_window_ids", "interval_window_acts"),
-                       _sorted(self._bands()[1:], self.interval_act))),
+            **dict(
+                zip(
+                    ("top_act", "top_row", "top_pos", "window_ids", "window_acts"), _sorted(top, self.top_act)
+                )
+            ),
+            **dict(
+                zip(
+                    (
+                        "interval_act",
+                        "interval_row",
+                        "interval_pos",
+                        "interval_window_ids",
+                        "interval_window_acts",
+                    ),
+                    _sorted(self._bands()[1:], self.interval_act),
+                )
+            ),
             "interval_count": self.interval_count(),
-            "hist_counts": self.hist_counts, "hist_edges": self.hist_edges,
-        }  # fmt: skip
+            "hist_counts": self.hist_counts,
+            "hist_edges": self.hist_edges,
+        }
 
 
 @torch.no_grad()
@@ -356,8 +391,15 @@ def token_strings(tokenizer) -> list[str]:
     return tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
 
 
-def _examples(act: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor, acts: torch.Tensor,
-              before: int, vocab: list[str]) -> list:  # fmt: skip
+def _examples(
+    act: torch.Tensor,
+    row: torch.Tensor,
+    pos: torch.Tensor,
+    ids: torch.Tensor,
+    acts: torch.Tensor,
+    before: int,
+    vocab: list[str],
+) -> list:
     """Example slots (act, row, pos) [..., S] with windows (ids, acts) [..., S, W], live slots (act > 0) first,
     as nested lists of JSON example dicts, one list of the live slots per row of the leading dims. A window's
     tokens beyond the context (-1) form a prefix and a suffix, which are cut."""
@@ -367,13 +409,20 @@ def _examples(act: torch.Tensor, row: torch.Tensor, pos: torch.Tensor, ids: torc
     start = (ids[:, :before] < 0).sum(1).tolist()
     stop = (ids.shape[1] - (ids[:, before + 1 :] < 0).sum(1)).tolist()
     tokens = np.asarray(vocab, dtype=object)[ids.numpy()].tolist()  # -1 picks the last, cut below
-    examples = iter([
-        {"act": a, "row": r, "pos": p, "tokens": t[i:j], "acts": x[i:j], "center": before - i}
-        for a, r, p, t, x, i, j in zip(
-            act[live].double().round(decimals=4).tolist(), row[live].tolist(), pos[live].tolist(), tokens,
-            acts.double().round(decimals=3).numpy().tolist(), start, stop,
-        )
-    ])  # fmt: skip
+    examples = iter(
+        [
+            {"act": a, "row": r, "pos": p, "tokens": t[i:j], "acts": x[i:j], "center": before - i}
+            for a, r, p, t, x, i, j in zip(
+                act[live].double().round(decimals=4).tolist(),
+                row[live].tolist(),
+                pos[live].tolist(),
+                tokens,
+                acts.double().round(decimals=3).numpy().tolist(),
+                start,
+                stop,
+            )
+        ]
+    )
     rows: list = [list(itertools.islice(examples, m)) for m in per_row]
     for d in reversed(act.shape[1:-1]):
         rows = [rows[i : i + d] for i in range(0, len(rows), d)]
@@ -409,10 +458,24 @@ def save_analysis(
 
     vocab = token_strings(tokenizer)
     before, nb = stats.cfg.window_before, stats.cfg.intervals
-    top = _examples(tensors["top_act"], tensors["top_row"], tensors["top_pos"], tensors["window_ids"],
-                    tensors["window_acts"], before, vocab)  # fmt: skip
-    bands = _examples(tensors["interval_act"], tensors["interval_row"], tensors["interval_pos"],
-                      tensors["interval_window_ids"], tensors["interval_window_acts"], before, vocab)  # fmt: skip
+    top = _examples(
+        tensors["top_act"],
+        tensors["top_row"],
+        tensors["top_pos"],
+        tensors["window_ids"],
+        tensors["window_acts"],
+        before,
+        vocab,
+    )
+    bands = _examples(
+        tensors["interval_act"],
+        tensors["interval_row"],
+        tensors["interval_pos"],
+        tensors["interval_window_ids"],
+        tensors["interval_window_acts"],
+        before,
+        vocab,
+    )
     max_act = tensors["max_act"].double()
     band_edges = (max_act[:, None] * torch.arange(nb + 1) / nb).round(decimals=4).tolist()  # [F, I + 1]
     band_count = tensors["interval_count"].tolist()
@@ -432,18 +495,27 @@ def save_analysis(
     for f in range(len(density)):
         edges = band_edges[f]
         feature: dict[str, Any] = {
-            "id": f, "density": density[f], "max_act": max_r[f], "mean_act": mean_r[f], "examples": top[f],
-            "intervals": [{"lo": edges[j], "hi": edges[j + 1], "count": band_count[f][j], "examples": bands[f][j]}
-                          for j in range(nb)],
+            "id": f,
+            "density": density[f],
+            "max_act": max_r[f],
+            "mean_act": mean_r[f],
+            "examples": top[f],
+            "intervals": [
+                {"lo": edges[j], "hi": edges[j + 1], "count": band_count[f][j], "examples": bands[f][j]}
+                for j in range(nb)
+            ],
             "histogram": {"edges": coarse_edges[f], "counts": coarse_counts[f]},
-        }  # fmt: skip
+        }
         if lens is not None:
             feature["top_logits"] = [[vocab[i], v] for v, i in zip(lens_v[0][f], lens_i[0][f])]
             feature["bottom_logits"] = [[vocab[i], v] for v, i in zip(lens_v[1][f], lens_i[1][f])]
         if nearest is not None:
             feature["nearest"] = [[i, c] for c, i in zip(near_cos[f], near_id[f])]
         features.append(feature)
-    meta = meta | {"n_tokens": stats.tokens, "window": [stats.cfg.window_before, stats.cfg.window_after],
-                   "intervals": nb}  # fmt: skip
+    meta = meta | {
+        "n_tokens": stats.tokens,
+        "window": [stats.cfg.window_before, stats.cfg.window_after],
+        "intervals": nb,
+    }
     write_text(out / "features.json", json.dumps(meta | {"features": features}, separators=(",", ":")))
     return out

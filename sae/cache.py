@@ -88,9 +88,11 @@ def write_cache(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     provenance = provenance | {
-        "modules": list(modules), "model_dtype": _dtype_name(model.dtype), "max_norm_ratio": max_norm_ratio,
+        "modules": list(modules),
+        "model_dtype": _dtype_name(model.dtype),
+        "max_norm_ratio": max_norm_ratio,
         "max_tokens": max_tokens,
-    }  # fmt: skip
+    }
     provenance = json.loads(json.dumps(provenance))  # compare as it reads back from meta.json
     with _locked(directory):
         meta = _start(directory, provenance, shard_tokens)
@@ -118,15 +120,28 @@ def _start(directory: Path, provenance: dict, shard_tokens: int) -> dict:
             "cache directory"
         )
     meta = {
-        "provenance": provenance, "dtype": None, "d_in": {}, "shard_tokens": shard_tokens, "shards": [],
-        "batches": 0, "tokens": 0, "complete": False,
-    }  # fmt: skip
+        "provenance": provenance,
+        "dtype": None,
+        "d_in": {},
+        "shard_tokens": shard_tokens,
+        "shards": [],
+        "batches": 0,
+        "tokens": 0,
+        "complete": False,
+    }
     write_json(path, meta)
     return meta
 
 
-def _harvest(directory: Path, meta: dict, model, modules: list[str], contexts: Iterable[Contexts],
-             max_tokens: int, max_norm_ratio: float) -> None:  # fmt: skip
+def _harvest(
+    directory: Path,
+    meta: dict,
+    model,
+    modules: list[str],
+    contexts: Iterable[Contexts],
+    max_tokens: int,
+    max_norm_ratio: float,
+) -> None:
     """Continues the harvest `meta` describes: skips the context batches already cached, then captures the
     rest, flushing a shard whenever `shard_tokens` are buffered."""
     listed = {s["file"] for s in meta["shards"]}
@@ -146,8 +161,9 @@ def _harvest(directory: Path, meta: dict, model, modules: list[str], contexts: I
         nonlocal buffer, buffered, pending
         if buffer:
             shard = {key: torch.cat([b[key] for b in buffer]) for key in buffer[0]}
-            meta["shards"].append({"file": _shard_name(len(meta["shards"])), "tokens": buffered,
-                                   "batches": meta["batches"]})  # fmt: skip
+            meta["shards"].append(
+                {"file": _shard_name(len(meta["shards"])), "tokens": buffered, "batches": meta["batches"]}
+            )
             meta["tokens"] += buffered
             meta["dtype"] = _dtype_name(shard[f"acts.{modules[0]}"].dtype)
             meta["d_in"] = {m: shard[f"acts.{m}"].shape[1] for m in modules}
@@ -301,8 +317,9 @@ class ActivationCache:
             raise ValueError(
                 f"activation cache {self.dir} holds {held} tokens{part}, fewer than one batch of {batch_size}"
             )
-        return CacheBatches(lambda i: self._read(i, key)[rows].float(), shards, batch_size, tokens, generator,
-                            buffer_tokens)  # fmt: skip
+        return CacheBatches(
+            lambda i: self._read(i, key)[rows].float(), shards, batch_size, tokens, generator, buffer_tokens
+        )
 
 
 class CacheBatches(stream.Stream):
@@ -310,8 +327,15 @@ class CacheBatches(stream.Stream):
     served (this pass's shard order, the shuffle buffer's state, tokens served), `restore(state)` continues
     from it."""
 
-    def __init__(self, read: Callable[[int], torch.Tensor], shards: list[int], batch_size: int, tokens: int,
-                 generator: torch.Generator, buffer_tokens: int):  # fmt: skip
+    def __init__(
+        self,
+        read: Callable[[int], torch.Tensor],
+        shards: list[int],
+        batch_size: int,
+        tokens: int,
+        generator: torch.Generator,
+        buffer_tokens: int,
+    ):
         self.read, self.shards, self.batch_size, self.tokens = read, shards, batch_size, tokens
         self.generator, self.buffer_tokens = generator, buffer_tokens
         self._order: list[int] | None = None  # this pass's shards, in reading order

@@ -53,9 +53,16 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def save_checkpoint(sae: SAE, opt: torch.optim.Optimizer, state: dict, path: Path,
-                    loop: dict[str, torch.Tensor] | None = None, stream: dict[str, Any] | None = None,
-                    rank: int = 0, world: int = 1) -> None:  # fmt: skip
+def save_checkpoint(
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    state: dict,
+    path: Path,
+    loop: dict[str, torch.Tensor] | None = None,
+    stream: dict[str, Any] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> None:
     """Writes the checkpoint directory `path` (layout above) as a whole: every rank its stream state, rank 0
     the rest, then rank 0 swaps it in."""
     path = Path(path)

@@ -108,8 +108,10 @@ def load_rows(cfg: DataConfig):
         builder = _BUILDERS[suffixes.pop()]
         empty = [f for f in files if os.path.getsize(f) == 0]
         if len(empty) == len(files):
-            raise ValueError(f"data.path={cfg.path!r}: {empty[:3]} {'is' if len(empty) == 1 else 'are'} empty "
-                             f"(0 bytes); give files holding text rows")  # fmt: skip
+            raise ValueError(
+                f"data.path={cfg.path!r}: {empty[:3]} {'is' if len(empty) == 1 else 'are'} empty "
+                f"(0 bytes); give files holding text rows"
+            )
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         try:
             ds = datasets.load_dataset(

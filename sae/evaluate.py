@@ -22,8 +22,16 @@ from sae.model import SAE
 
 
 @torch.no_grad()
-def held_out_pass(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConfig, data: DataConfig, tokens: int,
-                  stats: an.FeatureStats | None) -> dict:  # fmt: skip
+def held_out_pass(
+    sae: SAE,
+    model,
+    tokenizer,
+    module: str,
+    model_cfg: ModelConfig,
+    data: DataConfig,
+    tokens: int,
+    stats: an.FeatureStats | None,
+) -> dict:
     """One pass over held-out tokens: FVU, L0 and dead fraction, and (with `stats`) the feature analysis."""
     device = next(sae.parameters()).device
     sq_err = sum_x2 = l0_sum = 0.0
@@ -58,8 +66,16 @@ def held_out_pass(sae: SAE, model, tokenizer, module: str, model_cfg: ModelConfi
 
 
 @torch.no_grad()
-def loss_recovered(reconstruct: Callable[[torch.Tensor], torch.Tensor], model, tokenizer, module: str,
-                   model_cfg: ModelConfig, data: DataConfig, n_contexts: int, progress: bool = True) -> dict:  # fmt: skip
+def loss_recovered(
+    reconstruct: Callable[[torch.Tensor], torch.Tensor],
+    model,
+    tokenizer,
+    module: str,
+    model_cfg: ModelConfig,
+    data: DataConfig,
+    n_contexts: int,
+    progress: bool = True,
+) -> dict:
     """The LM's next-token loss on held-out contexts, clean, with `reconstruct` (raw activations [B, D] ->
     reconstructions) spliced in, and with the activation zeroed: CE of each, delta CE and KL (nats per
     token) of the spliced and zero-ablated runs, and the fraction of loss recovered.
@@ -120,8 +136,13 @@ def spliced_losses(
     return out
 
 
-def _logits(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, module: str | None = None,
-            replace: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+def _logits(
+    model: PreTrainedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    module: str | None = None,
+    replace: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Float32 next-token logits [M, V] at the positions whose target is a text token."""
     mask = mask.to(model.device)
     handle = None

@@ -88,8 +88,17 @@ class TextFeatures:
 class Explorer:
     """A run directory loaded for interactive use: its SAE, the model and module it reads, its analysis."""
 
-    def __init__(self, run_dir: Path, job: TrainJob, sae: SAE, model, tokenizer, module: str,
-                 analysis: dict | None, metrics: dict | None):  # fmt: skip
+    def __init__(
+        self,
+        run_dir: Path,
+        job: TrainJob,
+        sae: SAE,
+        model,
+        tokenizer,
+        module: str,
+        analysis: dict | None,
+        metrics: dict | None,
+    ):
         self.run_dir, self.job, self.sae = run_dir, job, sae
         self.model, self.tokenizer, self.module = model, tokenizer, module
         self.analysis, self.metrics = analysis, metrics
@@ -156,11 +165,18 @@ class Explorer:
         ranked = []
         for f in score.topk(n).indices.tolist() if n else []:
             info = feature_by_id(self.analysis, f) if self.analysis is not None else {}
-            ranked.append({
-                "id": f, "total": round(total[f].item(), 4), "max": round(peak[f].item(), 4),
-                "tokens": int(fired[f]), "density": info.get("density"), "max_act": info.get("max_act"),
-                "promotes": [t for t, _ in info.get("top_logits", [])[:5]], "example": snippet(info),
-            })  # fmt: skip
+            ranked.append(
+                {
+                    "id": f,
+                    "total": round(total[f].item(), 4),
+                    "max": round(peak[f].item(), 4),
+                    "tokens": int(fired[f]),
+                    "density": info.get("density"),
+                    "max_act": info.get("max_act"),
+                    "promotes": [t for t, _ in info.get("top_logits", [])[:5]],
+                    "example": snippet(info),
+                }
+            )
         tokens = [self.tokenizer.decode([i]) for i in ids]
         return TextFeatures(text, ids, tokens, kept.tolist(), code, self.sae.d_sae, ranked)
 
@@ -190,10 +206,16 @@ def snippet(feature: dict, before: int = 6, after: int = 2) -> str:
 def feature_rows(analysis: dict) -> list[dict]:
     """One flat row per feature (id, density, max_act, mean_act, promotes, example), e.g. for a DataFrame."""
     return [
-        {"id": f["id"], "density": f["density"], "max_act": f["max_act"], "mean_act": f["mean_act"],
-         "promotes": " ".join(repr(t) for t, _ in f.get("top_logits", [])[:5]), "example": snippet(f)}
+        {
+            "id": f["id"],
+            "density": f["density"],
+            "max_act": f["max_act"],
+            "mean_act": f["mean_act"],
+            "promotes": " ".join(repr(t) for t, _ in f.get("top_logits", [])[:5]),
+            "example": snippet(f),
+        }
         for f in analysis["features"]
-    ]  # fmt: skip
+    ]
 
 
 # --- HTML -----------------------------------------------------------------------------------------------

@@ -56,8 +56,23 @@ SAELENS_WEIGHTS, SAELENS_CONFIG = "sae_weights.safetensors", "cfg.json"
 SAELENS_SPARSITY = "sparsity.safetensors"
 SAELENS_FORMAT_VERSION = "6.0.0"
 """Written as `metadata.sae_lens_version`: the 6.x layout (older versions make SAELens convert the config)."""
-_TO_SAELENS = {"topk": "topk", "jumprelu": "jumprelu", "relu": "standard", "batchtopk": "jumprelu",
-               "matryoshka": "jumprelu"}  # fmt: skip
+_TO_SAELENS = {
+    "topk": "topk",
+    "jumprelu": "jumprelu",
+    "relu": "standard",
+    "batchtopk": "jumprelu",
+    "matryoshka": "jumprelu",
+}
+_LEGACY_META = (
+    "model_name",
+    "hook_name",
+    "hook_point",
+    "hook_head_index",
+    "context_size",
+    "dataset_path",
+    "hf_hook_name",
+)
+"""Metadata keys at the top level of a SAELens cfg.json older than 6.x."""
 _FROM_SAELENS = {"topk": "topk", "jumprelu": "jumprelu", "standard": "relu"}
 _BLOCK = re.compile(r"^(?:.+\.)?(?:layers|h|blocks)\.(\d+)$")  # model.layers.L, transformer.h.L, ...
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(pre|post)$")
@@ -125,9 +140,15 @@ def to_saelens(
     }
     arch = _TO_SAELENS[sae.arch]
     saelens_cfg: dict[str, Any] = {
-        "architecture": arch, "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
-    }  # fmt: skip
+        "architecture": arch,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+    }
     if arch == "topk":
         saelens_cfg |= {"k": sae.k, "rescale_acts_by_decoder_norm": False}
     else:
@@ -151,8 +172,7 @@ def to_saelens(
 def _saelens_config(path: Path) -> tuple[dict, dict]:
     """(config, metadata) of a SAELens cfg.json, 6.x or older (whose metadata keys sit at the top level)."""
     cfg = json.loads((path / SAELENS_CONFIG).read_text())
-    meta = {k: cfg[k] for k in ("model_name", "hook_name", "hook_point", "hook_head_index", "context_size",
-                                "dataset_path", "hf_hook_name") if k in cfg}  # fmt: skip
+    meta = {k: cfg[k] for k in _LEGACY_META if k in cfg}
     meta.setdefault("hook_name", meta.pop("hook_point", None))
     meta |= cfg.get("metadata") or {}
     if "architecture" not in cfg:  # before 6.0: the activation function named the architecture
@@ -204,8 +224,13 @@ def from_saelens(path: str | Path) -> tuple[SAE, dict]:
             f"{path / SAELENS_WEIGHTS} holds tensors {sorted(t)}; a SAELens {arch} SAE holds {sorted(expected)}"
         )
     d_in, d_sae = cfg["d_in"], cfg["d_sae"]
-    shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,),
-              "threshold": (d_sae,)}  # fmt: skip
+    shapes = {
+        "W_enc": (d_in, d_sae),
+        "b_enc": (d_sae,),
+        "W_dec": (d_sae, d_in),
+        "b_dec": (d_in,),
+        "threshold": (d_sae,),
+    }
     for key, value in t.items():
         if tuple(value.shape) != shapes[key]:
             raise ValueError(f"{where}: {key} has shape {list(value.shape)}, expected {list(shapes[key])}")
@@ -272,17 +297,26 @@ def _activation(example: dict, key: dict, j: int, data: str | None, bin_: tuple)
     top = max(range(len(values)), key=values.__getitem__)
     return key | {
         "id": f"{key['modelId']}@{key['layer']}:{key['index']}:{j}",
-        "dataSource": data, "dataIndex": str(example.get("row")),
-        "tokens": list(example["tokens"]), "values": values,
-        "maxValue": values[top], "maxValueTokenIndex": top, "minValue": min(values),
+        "dataSource": data,
+        "dataIndex": str(example.get("row")),
+        "tokens": list(example["tokens"]),
+        "values": values,
+        "maxValue": values[top],
+        "maxValueTokenIndex": top,
+        "minValue": min(values),
         "qualifyingTokenIndex": example["center"],  # the token that made it an example
-        "dfaValues": [], "dfaMaxValue": None, "dfaTargetIndex": None,
-        "binMin": bin_[0], "binMax": bin_[1], "binContains": bin_[2],
-    }  # fmt: skip
+        "dfaValues": [],
+        "dfaMaxValue": None,
+        "dfaTargetIndex": None,
+        "binMin": bin_[0],
+        "binMax": bin_[1],
+        "binContains": bin_[2],
+    }
 
 
-def to_neuronpedia(run_dir: str | Path, out_path: str | Path, model_id: str | None = None,
-                   source_set: str | None = None) -> Path:  # fmt: skip
+def to_neuronpedia(
+    run_dir: str | Path, out_path: str | Path, model_id: str | None = None, source_set: str | None = None
+) -> Path:
     """Writes `run_dir/analysis/features.json` as Neuronpedia export rows to `out_path` (JSON):
     {modelId, layer, sourceSetName, hookName, n_tokens, features: [Neuron rows], activations: [Activation
     rows]}. `model_id` (default: the model's name) and `source_set` (default `sae-<arch>`) name the source;
@@ -312,19 +346,38 @@ def to_neuronpedia(run_dir: str | Path, out_path: str | Path, model_id: str | No
         hist = _histogram(f.get("histogram")) if "histogram" in f else None
         near = _neighbours(f.get("nearest")) if "nearest" in f else None
         unknown |= {k for k, ok in (("histogram", hist), ("nearest", near)) if k in f and ok is None}
-        features.append(key | {
-            "sourceSetName": source_set, "hookName": saelens_hook(hook), "maxActApprox": f["max_act"],
-            "frac_nonzero": f["density"],
-            "pos_str": [t for t, _ in top], "pos_values": [v for _, v in top],
-            "neg_str": [t for t, _ in bottom], "neg_values": [v for _, v in bottom],
-            "freq_hist_data_bar_values": hist[0] if hist else [], "freq_hist_data_bar_heights": hist[1] if hist else [],
-            "logits_hist_data_bar_values": [], "logits_hist_data_bar_heights": [],
-            "topkCosSimIndices": near[0] if near else [], "topkCosSimValues": near[1] if near else [],
-            "neuron_alignment_indices": [], "neuron_alignment_values": [], "neuron_alignment_l1": [],
-            "correlated_neurons_indices": [], "correlated_neurons_pearson": [], "correlated_neurons_l1": [],
-            "correlated_features_indices": [], "correlated_features_pearson": [], "correlated_features_l1": [],
-            "decoder_weights_dist": [], "hasVector": False, "vector": [], "vectorLabel": None,
-        })  # fmt: skip
+        features.append(
+            key
+            | {
+                "sourceSetName": source_set,
+                "hookName": saelens_hook(hook),
+                "maxActApprox": f["max_act"],
+                "frac_nonzero": f["density"],
+                "pos_str": [t for t, _ in top],
+                "pos_values": [v for _, v in top],
+                "neg_str": [t for t, _ in bottom],
+                "neg_values": [v for _, v in bottom],
+                "freq_hist_data_bar_values": hist[0] if hist else [],
+                "freq_hist_data_bar_heights": hist[1] if hist else [],
+                "logits_hist_data_bar_values": [],
+                "logits_hist_data_bar_heights": [],
+                "topkCosSimIndices": near[0] if near else [],
+                "topkCosSimValues": near[1] if near else [],
+                "neuron_alignment_indices": [],
+                "neuron_alignment_values": [],
+                "neuron_alignment_l1": [],
+                "correlated_neurons_indices": [],
+                "correlated_neurons_pearson": [],
+                "correlated_neurons_l1": [],
+                "correlated_features_indices": [],
+                "correlated_features_pearson": [],
+                "correlated_features_l1": [],
+                "decoder_weights_dist": [],
+                "hasVector": False,
+                "vector": [],
+                "vectorLabel": None,
+            }
+        )
         j = 0
         for example in f["examples"]:  # SAEDashboard's top-activations bin: min -1, max the feature's max
             activations.append(_activation(example, key, j, data, (-1.0, f["max_act"], -1.0)))
@@ -349,8 +402,15 @@ def to_neuronpedia(run_dir: str | Path, out_path: str | Path, model_id: str | No
         warnings.warn(
             f"{path}: left out {sorted(unknown)}, whose shape this exporter does not know", stacklevel=2
         )
-    out = {"modelId": model_id, "layer": source, "sourceSetName": source_set, "hookName": saelens_hook(hook),
-           "n_tokens": analysis.get("n_tokens"), "features": features, "activations": activations}  # fmt: skip
+    out = {
+        "modelId": model_id,
+        "layer": source,
+        "sourceSetName": source_set,
+        "hookName": saelens_hook(hook),
+        "n_tokens": analysis.get("n_tokens"),
+        "features": features,
+        "activations": activations,
+    }
     return write_text(out_path, json.dumps(out))
 
 

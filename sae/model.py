@@ -207,8 +207,17 @@ class SAE(nn.Module):
     eps. `threshold_init`: JumpReLU's initial theta.
     """
 
-    def __init__(self, d_in: int, d_sae: int, k: int = 32, arch: str = "topk", prefixes: tuple[int, ...] = (),
-                 bandwidth: float = 0.001, threshold_init: float = 0.001, seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        k: int = 32,
+        arch: str = "topk",
+        prefixes: tuple[int, ...] = (),
+        bandwidth: float = 0.001,
+        threshold_init: float = 0.001,
+        seed: int = 0,
+    ):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"sae.arch={arch!r} is not one of {ARCHS}")
@@ -285,8 +294,14 @@ class SAE(nn.Module):
 
     # --- training ---
 
-    def step(self, x: torch.Tensor, dead: torch.Tensor | None = None, sparsity_coef: float = 0.0,
-             auxk_coef: float = 0.0, multi_topk: bool = False) -> Step:  # fmt: skip
+    def step(
+        self,
+        x: torch.Tensor,
+        dead: torch.Tensor | None = None,
+        sparsity_coef: float = 0.0,
+        auxk_coef: float = 0.0,
+        multi_topk: bool = False,
+    ) -> Step:
         """The training forward pass of x [B, D] and its loss terms.
 
         Reconstruction terms are FVUs (scale-free). `dead` holds the indices of the latents AuxK may use
@@ -298,8 +313,9 @@ class SAE(nn.Module):
         dead = dead if dead is not None and use_auxk else x.new_zeros(0, dtype=torch.long)
         if self.arch == "topk":
             kk = min(4 * self.k if multi_topk else self.k, self.d_sae)
-            acts, idx = _TopKEncode.apply(x, self.W_enc, self.b_enc, self.b_dec, kk, dead, self.d_in // 2,
-                                          multi_topk, _compute_dtype(x))  # fmt: skip
+            acts, idx = _TopKEncode.apply(
+                x, self.W_enc, self.b_enc, self.b_dec, kk, dead, self.d_in // 2, multi_topk, _compute_dtype(x)
+            )
             if multi_topk:
                 losses["fvu_4k"] = fvu(x, self.decode(Code(acts[:, :kk], idx[:, :kk]))) / 8
             code = Code(acts[:, : self.k], idx[:, : self.k])
@@ -310,9 +326,8 @@ class SAE(nn.Module):
                 aux = Code(acts[:, kk:], idx[:, kk:])
                 residual = (x - x_hat).detach()
                 losses["auxk"] = (
-                    auxk_coef * fvu(residual, self.sum_rows(aux))
-                    if aux.idx.shape[1] else x.new_zeros(())
-                )  # fmt: skip
+                    auxk_coef * fvu(residual, self.sum_rows(aux)) if aux.idx.shape[1] else x.new_zeros(())
+                )
             active = (code.acts > 0).float()
             fired = torch.zeros(self.d_sae, device=x.device).index_add_(
                 0, code.idx.flatten(), active.flatten()
@@ -428,8 +443,14 @@ class SAE(nn.Module):
                 )
         cfg = read_config(path)
         try:
-            sae = cls(cfg["d_in"], cfg["d_sae"], cfg["k"], arch=cfg.get("arch", "topk"),
-                      prefixes=tuple(cfg.get("prefixes", ())), bandwidth=cfg.get("bandwidth", 0.001))  # fmt: skip
+            sae = cls(
+                cfg["d_in"],
+                cfg["d_sae"],
+                cfg["k"],
+                arch=cfg.get("arch", "topk"),
+                prefixes=tuple(cfg.get("prefixes", ())),
+                bandwidth=cfg.get("bandwidth", 0.001),
+            )
         except ValueError as err:
             raise ValueError(f"SAE config {path / CONFIG} is invalid: {err}") from None
         tensors = load_tensors(path / WEIGHTS, "SAE weights file")

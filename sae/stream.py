@@ -61,8 +61,13 @@ class Shuffled(Stream):
     exactly where that batch left off.
     """
 
-    def __init__(self, chunks: Callable[[int], Iterable[torch.Tensor]], capacity: int, batch_size: int,
-                 generator: torch.Generator):  # fmt: skip
+    def __init__(
+        self,
+        chunks: Callable[[int], Iterable[torch.Tensor]],
+        capacity: int,
+        batch_size: int,
+        generator: torch.Generator,
+    ):
         self.chunks, self.capacity, self.batch_size, self.generator = chunks, capacity, batch_size, generator
         # Permuted tokens: the next `_to_emit` batches, then those kept to mix with what comes next.
         self._rest: torch.Tensor | None = None
@@ -72,8 +77,13 @@ class Shuffled(Stream):
 
     def state(self) -> dict[str, Any]:
         rest = self._rest if self._rest is not None else torch.zeros(0)
-        return {"consumed": self._consumed, "to_emit": self._to_emit, "final": self._final, "rest": rest,
-                "generator": self.generator.get_state()}  # fmt: skip
+        return {
+            "consumed": self._consumed,
+            "to_emit": self._to_emit,
+            "final": self._final,
+            "rest": rest,
+            "generator": self.generator.get_state(),
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         self._unstarted()
@@ -133,8 +143,12 @@ class Epochs(Stream):
 
     def state(self) -> dict[str, Any]:
         before = self._pass_generator if self._pass_generator is not None else self.generator.get_state()
-        return {"generator": before, "offset": self._offset, "served": self._served,
-                "in_pass": self._pass_generator is not None}  # fmt: skip
+        return {
+            "generator": before,
+            "offset": self._offset,
+            "served": self._served,
+            "in_pass": self._pass_generator is not None,
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         self._unstarted()

@@ -85,8 +85,14 @@ def brute_force(stream, f: int) -> list[tuple[float, int, int, list[int], list[f
         for n in range(N):
             for t in range(T):
                 if z[n, t, f] > 0:
-                    found.append((z[n, t, f].item(), batch.row[n, t].item(), batch.pos[n, t].item(),
-                                  *window(batch, z, n, t, f)))  # fmt: skip
+                    found.append(
+                        (
+                            z[n, t, f].item(),
+                            batch.row[n, t].item(),
+                            batch.pos[n, t].item(),
+                            *window(batch, z, n, t, f),
+                        )
+                    )
     return sorted(found, key=lambda e: -e[0])
 
 
@@ -140,9 +146,24 @@ def test_density_mean_and_max(stream, stats):
     torch.testing.assert_close(s["max_act"], z.amax(dim=(0, 1, 2)))
     torch.testing.assert_close(s["mean_act"], z.sum(dim=(0, 1, 2)) / count)
     assert s["max_act"][:3].tolist() == [50.0, 40.0, 30.0]
-    assert set(s) == {"density", "max_act", "mean_act", "top_act", "top_row", "top_pos", "window_ids",
-                      "window_acts", "interval_act", "interval_row", "interval_pos", "interval_window_ids",
-                      "interval_window_acts", "interval_count", "hist_counts", "hist_edges"}  # fmt: skip
+    assert set(s) == {
+        "density",
+        "max_act",
+        "mean_act",
+        "top_act",
+        "top_row",
+        "top_pos",
+        "window_ids",
+        "window_acts",
+        "interval_act",
+        "interval_row",
+        "interval_pos",
+        "interval_window_ids",
+        "interval_window_acts",
+        "interval_count",
+        "hist_counts",
+        "hist_edges",
+    }
     assert s["window_ids"].shape == (F, CFG.top_k, BEFORE + 1 + AFTER)
 
 
@@ -495,8 +516,12 @@ def test_rebin_histogram_bounds_and_totals():
     within the counts of the fine bins its edges fall in of the true count."""
     g = torch.Generator().manual_seed(6)
     edges = FeatureStats(1, CFG).hist_edges
-    values = [torch.rand(400, generator=g) ** 3 * 5, torch.rand(7, generator=g) * 1e-3, torch.tensor([2.5e4, 3.0]),
-              torch.empty(0)]  # fmt: skip
+    values = [
+        torch.rand(400, generator=g) ** 3 * 5,
+        torch.rand(7, generator=g) * 1e-3,
+        torch.tensor([2.5e4, 3.0]),
+        torch.empty(0),
+    ]
     fine = torch.stack(
         [torch.bincount(torch.bucketize(v, edges, right=True) - 1, minlength=HIST_BINS + 1) for v in values]
     )[:, :HIST_BINS]  # [4, H]; nothing at or above 1e4 but 2.5e4 (dropped)

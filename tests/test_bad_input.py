@@ -104,7 +104,7 @@ def _bad_json(d: Path) -> Path:
         "broken-symlink",
         "corrupt-parquet",
         "corrupt-jsonl",
-    ],  # fmt: skip
+    ],
 )
 def test_bad_corpus_fails_before_leaving_anything(tmp_path, make, error, words):
     (tmp_path / "data").mkdir()
@@ -112,8 +112,11 @@ def test_bad_corpus_fails_before_leaving_anything(tmp_path, make, error, words):
 
 
 def test_streamed_batch_over_the_shuffle_buffer_fails_clearly(tmp_path, corpus):
-    _fails_cleanly(tiny_job(tmp_path, corpus, train={"batch_size": 4096, "in_memory": False}), ValueError,
-                   ["train.batch_size=4096", "train.buffer_tokens=1024"])  # fmt: skip
+    _fails_cleanly(
+        tiny_job(tmp_path, corpus, train={"batch_size": 4096, "in_memory": False}),
+        ValueError,
+        ["train.batch_size=4096", "train.buffer_tokens=1024"],
+    )
 
 
 @pytest.mark.parametrize(
@@ -212,5 +215,8 @@ def test_an_sae_of_another_width_than_the_model_fails_to_load(tmp_path):
 
 def test_a_global_batch_that_does_not_divide_among_the_processes_is_refused(tmp_path, corpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node=3 sets it
-    _fails_cleanly(tiny_job(tmp_path, corpus), ValueError,
-                   ["train.batch_size=256", "3 data-parallel processes", "a multiple of 3"])  # fmt: skip
+    _fails_cleanly(
+        tiny_job(tmp_path, corpus),
+        ValueError,
+        ["train.batch_size=256", "3 data-parallel processes", "a multiple of 3"],
+    )

@@ -29,8 +29,14 @@ def synthetic_analysis(n: int = N_FEATURES, seed: int = 0) -> dict:
         tokens[12] = center_token
         acts = [round(act * rng.random(), 3) if rng.random() < 0.3 else 0.0 for _ in tokens]
         acts[12] = act
-        return {"act": act, "row": rng.randrange(1000), "pos": rng.randrange(128), "tokens": tokens,
-                "acts": acts, "center": 12}  # fmt: skip
+        return {
+            "act": act,
+            "row": rng.randrange(1000),
+            "pos": rng.randrange(128),
+            "tokens": tokens,
+            "acts": acts,
+            "center": 12,
+        }
 
     features = []
     for i in range(n):
@@ -41,19 +47,39 @@ def synthetic_analysis(n: int = N_FEATURES, seed: int = 0) -> dict:
         max_act = round(rng.uniform(1, 20), 4)
         acts = sorted((round(max_act * rng.uniform(0.3, 1), 4) for _ in range(4)), reverse=True)
         edges = [max_act * j / 20 for j in range(21)]
-        features.append({
-            "id": i, "density": 10 ** rng.uniform(-5, -1), "max_act": max_act,
-            "mean_act": round(max_act * rng.uniform(0.1, 0.5), 4),
-            "examples": [example(token, a) for a in [max_act, *acts[1:]]],
-            "top_logits": [[rng.choice(WORDS), round(rng.uniform(0.5, 2), 3)] for _ in range(8)],
-            "bottom_logits": [[rng.choice(WORDS), round(-rng.uniform(0.5, 2), 3)] for _ in range(8)],
-            "histogram": {"edges": edges, "counts": [int(1000 * 0.7**j) for j in range(20)]},
-            "intervals": [{"lo": max_act * j / 3, "hi": max_act * (j + 1) / 3, "count": 10 ** (3 - j),
-                           "examples": [example(token, round(max_act * (j + 0.5) / 3, 4))]} for j in range(3)],
-            "nearest": [[(i + d) % n, round(0.9 - 0.1 * d, 2)] for d in range(1, 6)],
-        })  # fmt: skip
-    return {"model": "tiny <model>", "hook": "model.layers.2", "d_in": 64, "d_sae": n, "k": 8, "arch": "topk",
-            "n_tokens": 65536, "window": [12, 4], "features": features}  # fmt: skip
+        features.append(
+            {
+                "id": i,
+                "density": 10 ** rng.uniform(-5, -1),
+                "max_act": max_act,
+                "mean_act": round(max_act * rng.uniform(0.1, 0.5), 4),
+                "examples": [example(token, a) for a in [max_act, *acts[1:]]],
+                "top_logits": [[rng.choice(WORDS), round(rng.uniform(0.5, 2), 3)] for _ in range(8)],
+                "bottom_logits": [[rng.choice(WORDS), round(-rng.uniform(0.5, 2), 3)] for _ in range(8)],
+                "histogram": {"edges": edges, "counts": [int(1000 * 0.7**j) for j in range(20)]},
+                "intervals": [
+                    {
+                        "lo": max_act * j / 3,
+                        "hi": max_act * (j + 1) / 3,
+                        "count": 10 ** (3 - j),
+                        "examples": [example(token, round(max_act * (j + 0.5) / 3, 4))],
+                    }
+                    for j in range(3)
+                ],
+                "nearest": [[(i + d) % n, round(0.9 - 0.1 * d, 2)] for d in range(1, 6)],
+            }
+        )
+    return {
+        "model": "tiny <model>",
+        "hook": "model.layers.2",
+        "d_in": 64,
+        "d_sae": n,
+        "k": 8,
+        "arch": "topk",
+        "n_tokens": 65536,
+        "window": [12, 4],
+        "features": features,
+    }
 
 
 def _chromium() -> str | None:

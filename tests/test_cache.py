@@ -215,13 +215,24 @@ def _numbered(path: Path, shards: int = 10, n: int = 96) -> ActivationCache:
     for s in range(shards):
         i = torch.arange(s * n, (s + 1) * n)
         name = f"shard-{s:05d}.safetensors"
-        save_tensors(path / name, {"acts.m": torch.stack([i, -i], 1).float(), "token_id": i.int(), "row": i,
-                                   "pos": i.int()})  # fmt: skip
+        save_tensors(
+            path / name,
+            {"acts.m": torch.stack([i, -i], 1).float(), "token_id": i.int(), "row": i, "pos": i.int()},
+        )
         listed.append({"file": name, "tokens": n, "batches": s + 1})
-    write_json(path / "meta.json", {
-        "provenance": {"modules": ["m"]}, "dtype": "float32", "d_in": {"m": 2}, "shard_tokens": n,
-        "shards": listed, "batches": shards, "tokens": shards * n, "complete": True,
-    })  # fmt: skip
+    write_json(
+        path / "meta.json",
+        {
+            "provenance": {"modules": ["m"]},
+            "dtype": "float32",
+            "d_in": {"m": 2},
+            "shard_tokens": n,
+            "shards": listed,
+            "batches": shards,
+            "tokens": shards * n,
+            "complete": True,
+        },
+    )
     return ActivationCache(path)
 
 
@@ -263,8 +274,13 @@ def test_batches_are_deterministic_given_the_generator(tmp_path):
 
 
 def _job(tmp_path: Path, corpus: Path, run: str, **train) -> TrainJob:
-    train = {"tokens": 2048, "harvest_tokens": 2048, "batch_size": 256, "buffer_tokens": 1024,
-             "cache_dir": str(tmp_path / "cache")} | train  # fmt: skip
+    train = {
+        "tokens": 2048,
+        "harvest_tokens": 2048,
+        "batch_size": 256,
+        "buffer_tokens": 1024,
+        "cache_dir": str(tmp_path / "cache"),
+    } | train
     return TrainJob(
         model=ModelConfig(name="tiny", dtype="float32", layer=1, batch_size=4),
         data=DataConfig(path=str(corpus), context_size=64),

@@ -79,8 +79,16 @@ def test_defaults_are_the_offline_demo():
 
 
 def test_cli_overrides_land_in_the_dataclass():
-    job = train_job("model.layer=12", "sae.k=64", "sae.expansion_factor=32", "train.lr=0.002", "data=files",
-                    "data.path=corpus/*.jsonl", "wandb.mode=disabled", "do_analyze=false")  # fmt: skip
+    job = train_job(
+        "model.layer=12",
+        "sae.k=64",
+        "sae.expansion_factor=32",
+        "train.lr=0.002",
+        "data=files",
+        "data.path=corpus/*.jsonl",
+        "wandb.mode=disabled",
+        "do_analyze=false",
+    )
     assert job.model.layer == 12 and job.sae.k == 64 and job.sae.expansion_factor == 32
     assert job.train.lr == 0.002 and job.data.path == "corpus/*.jsonl"
     assert job.wandb.mode == "disabled" and job.do_analyze is False
@@ -137,8 +145,10 @@ def test_saes_entries_override_the_selected_sae():
     )
     variants = sae_variants(job)
     assert [(v.arch, v.k, v.expansion_factor, v.hook) for v in variants] == [
-        ("batchtopk", 16, 4, None), ("topk", 64, 4, None), ("batchtopk", 32, 4, "resid.3")
-    ]  # fmt: skip
+        ("batchtopk", 16, 4, None),
+        ("topk", 64, 4, None),
+        ("batchtopk", 32, 4, "resid.3"),
+    ]
     assert [v.name for v in variants] == ["batchtopk-k16-x4", "topk-k64-x4", "batchtopk-k32-x4-resid.3"]
     assert sae_variants(train_job()) == [train_job().sae]
 

@@ -119,8 +119,10 @@ def _with_extras() -> dict:
         "acts": [0, 1.0],
         "center": 1,
     }
-    f["intervals"] = [{"lo": 0.0, "hi": 2.5, "count": 41, "examples": [band]},
-                      {"lo": 2.5, "hi": 5.0, "count": 3, "examples": []}]  # fmt: skip
+    f["intervals"] = [
+        {"lo": 0.0, "hi": 2.5, "count": 41, "examples": [band]},
+        {"lo": 2.5, "hi": 5.0, "count": 3, "examples": []},
+    ]
     f["nearest"] = [[2, 0.61], [1, -0.2], [99, 0.1]]  # 99: not in the analysis, shown without a link
     analysis["intervals"] = [[0.0, 0.5], [0.5, 1.0]]
     return analysis
@@ -271,8 +273,9 @@ def test_failed_build_keeps_the_old_site_and_leaves_no_temporary(tmp_path: Path,
 
 
 def _site_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sae.site", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "sae.site", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_builds_when_needed_and_serves_on_localhost(run_dir: Path):
@@ -287,8 +290,13 @@ def test_cli_builds_when_needed_and_serves_on_localhost(run_dir: Path):
     assert again.returncode == 0 and "newer than the analysis" in again.stdout
     assert _site_cli(str(run_dir), "--rebuild").stdout.strip() == f"dashboard: {index}"
 
-    server = subprocess.Popen([sys.executable, "-m", "sae.site", str(run_dir), "--serve", "0"], cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    server = subprocess.Popen(
+        [sys.executable, "-m", "sae.site", str(run_dir), "--serve", "0"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert server.stdout is not None
         server.stdout.readline()  # dashboard: ...

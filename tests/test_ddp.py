@@ -36,8 +36,15 @@ def batches(seed: int = 0) -> list[torch.Tensor]:
 
 def config() -> TrainConfig:
     # fp32, so the only difference left is the order of float additions; latents die, so AuxK takes part.
-    return TrainConfig(tokens=STEPS * B, batch_size=B, warmup_steps=3, log_every=5, dead_tokens=4 * B,
-                       precision="float32", eval_every=0)  # fmt: skip
+    return TrainConfig(
+        tokens=STEPS * B,
+        batch_size=B,
+        warmup_steps=3,
+        log_every=5,
+        dead_tokens=4 * B,
+        precision="float32",
+        eval_every=0,
+    )
 
 
 ARCH_CFGS = {
@@ -92,8 +99,9 @@ def _rank_halves_differ(rank: int, store: str, out: str) -> None:
 
 def test_the_control_data_parallel_run_on_other_data_differs(tmp_path):
     out = str(tmp_path / "ddp.safetensors")
-    mp.start_processes(_rank_halves_differ, args=(str(tmp_path / "store"), out), nprocs=WORLD,
-                       start_method="spawn")  # fmt: skip
+    mp.start_processes(
+        _rank_halves_differ, args=(str(tmp_path / "store"), out), nprocs=WORLD, start_method="spawn"
+    )
     torch.set_num_threads(1)
     single = train(ARCH_CFGS["topk"], config(), iter(batches()))
     assert (load_file(out)["W_dec"] - single.W_dec).abs().max() > 1e-2
@@ -102,16 +110,40 @@ def test_the_control_data_parallel_run_on_other_data_differs(tmp_path):
 # --- torchrun and the pipeline --------------------------------------------------------------------------
 
 ARGS = [
-    "model=tiny", "data=files", "train.tokens=51200", "train.harvest_tokens=4096", "train.batch_size=256",
-    "train.buffer_tokens=1024", "train.checkpoint_every=10", "train.log_every=10", "train.dead_tokens=2560",
-    "eval.tokens=1024", "eval.loss_contexts=2", "eval.train_loss_contexts=0", "data.context_size=64", "sae.k=8",
-    "sae.expansion_factor=2", "model.batch_size=4", "wandb.mode=disabled", "do_analyze=false",
-]  # fmt: skip
+    "model=tiny",
+    "data=files",
+    "train.tokens=51200",
+    "train.harvest_tokens=4096",
+    "train.batch_size=256",
+    "train.buffer_tokens=1024",
+    "train.checkpoint_every=10",
+    "train.log_every=10",
+    "train.dead_tokens=2560",
+    "eval.tokens=1024",
+    "eval.loss_contexts=2",
+    "eval.train_loss_contexts=0",
+    "data.context_size=64",
+    "sae.k=8",
+    "sae.expansion_factor=2",
+    "model.batch_size=4",
+    "wandb.mode=disabled",
+    "do_analyze=false",
+]
 
 
 def _torchrun(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            str(ROOT / "train.py"), *ARGS, f"data.path={corpus}", f"run_dir={run_dir}", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train.py"),
+        *ARGS,
+        f"data.path={corpus}",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -120,8 +152,15 @@ def _env() -> dict:
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     """Runs torchrun to the end; on a timeout its workers are killed too, not left waiting for each other."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
@@ -148,8 +187,15 @@ def test_torchrun_shards_the_data_rank_0_writes_and_sigterm_then_resume_is_exact
     assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])  # shuffled apart
 
     run_dir = tmp_path / "run"
-    stopped = subprocess.Popen(_torchrun(corpus, run_dir, mode), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    stopped = subprocess.Popen(
+        _torchrun(corpus, run_dir, mode),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     state_file = tmp_path / "run.tmp" / "checkpoint" / "state.json"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and stopped.poll() is None:

@@ -34,11 +34,27 @@ D, F = 16, 64
 # SAEConfig, loading/pretrained_sae_loaders.py). Loading fails without architecture, d_in, d_sae and dtype; a
 # metadata.sae_lens_version below 6 sends the config through the pre-6.0 converter; the others have SAELens
 # defaults, written out so that a change of default cannot change what the file means.
-SAELENS_REQUIRED = {"architecture", "d_in", "d_sae", "dtype", "device", "apply_b_dec_to_input",
-                    "normalize_activations", "reshape_activations", "metadata"}  # fmt: skip
+SAELENS_REQUIRED = {
+    "architecture",
+    "d_in",
+    "d_sae",
+    "dtype",
+    "device",
+    "apply_b_dec_to_input",
+    "normalize_activations",
+    "reshape_activations",
+    "metadata",
+}
 SAELENS_TOPK_REQUIRED = {"k", "rescale_acts_by_decoder_norm"}  # k defaults to 100 in SAELens
-SAELENS_METADATA = {"sae_lens_version", "model_name", "hook_name", "hf_hook_name", "context_size", "prepend_bos",
-                    "model_from_pretrained_kwargs"}  # fmt: skip
+SAELENS_METADATA = {
+    "sae_lens_version",
+    "model_name",
+    "hook_name",
+    "hf_hook_name",
+    "context_size",
+    "prepend_bos",
+    "model_from_pretrained_kwargs",
+}
 
 
 def saelens_reference(
@@ -160,8 +176,12 @@ def _write_saelens(path: Path, cfg: dict, tensors: dict[str, torch.Tensor]) -> P
 
 def _saelens_tensors(arch: str, g: torch.Generator) -> dict[str, torch.Tensor]:
     """Weights as SAELens might hold them: decoder rows far from unit norm, thresholds for jumprelu."""
-    t = {"W_enc": torch.randn(D, F, generator=g) * 0.3, "b_enc": torch.randn(F, generator=g) * 0.3,
-         "W_dec": torch.randn(F, D, generator=g) * torch.rand(F, 1, generator=g) * 3, "b_dec": torch.randn(D, generator=g)}  # fmt: skip
+    t = {
+        "W_enc": torch.randn(D, F, generator=g) * 0.3,
+        "b_enc": torch.randn(F, generator=g) * 0.3,
+        "W_dec": torch.randn(F, D, generator=g) * torch.rand(F, 1, generator=g) * 3,
+        "b_dec": torch.randn(D, generator=g),
+    }
     if arch == "jumprelu":
         t["threshold"] = torch.rand(F, generator=g)
     return t
@@ -169,12 +189,25 @@ def _saelens_tensors(arch: str, g: torch.Generator) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     ("arch", "apply_b_dec", "rescale"),
-    [("topk", True, True), ("topk", False, True), ("topk", False, False), ("jumprelu", False, False),
-     ("standard", False, False), ("standard", True, False)],
-)  # fmt: skip
+    [
+        ("topk", True, True),
+        ("topk", False, True),
+        ("topk", False, False),
+        ("jumprelu", False, False),
+        ("standard", False, False),
+        ("standard", True, False),
+    ],
+)
 def test_from_saelens_folds_run_time_options_into_the_weights(tmp_path, arch, apply_b_dec, rescale):
-    cfg = {"architecture": arch, "d_in": D, "d_sae": F, "dtype": "float32", "apply_b_dec_to_input": apply_b_dec,
-           "normalize_activations": "none", "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.1.hook_resid_pre"}}  # fmt: skip
+    cfg = {
+        "architecture": arch,
+        "d_in": D,
+        "d_sae": F,
+        "dtype": "float32",
+        "apply_b_dec_to_input": apply_b_dec,
+        "normalize_activations": "none",
+        "metadata": {"sae_lens_version": "6.54.12", "hook_name": "blocks.1.hook_resid_pre"},
+    }
     if arch == "topk":
         cfg |= {"k": 6, "rescale_acts_by_decoder_norm": rescale}
     t = _saelens_tensors(arch, torch.Generator().manual_seed(2))
@@ -190,8 +223,16 @@ def test_from_saelens_folds_run_time_options_into_the_weights(tmp_path, arch, ap
 
 
 def test_from_saelens_reads_a_pre_6_config(tmp_path):
-    cfg = {"d_in": D, "d_sae": F, "dtype": "float32", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5},
-           "hook_point": "blocks.4.hook_resid_post", "model_name": "gpt2-small", "normalize_activations": False}  # fmt: skip
+    cfg = {
+        "d_in": D,
+        "d_sae": F,
+        "dtype": "float32",
+        "activation_fn_str": "topk",
+        "activation_fn_kwargs": {"k": 5},
+        "hook_point": "blocks.4.hook_resid_post",
+        "model_name": "gpt2-small",
+        "normalize_activations": False,
+    }
     sae, meta = from_saelens(
         _write_saelens(tmp_path / "old", cfg, _saelens_tensors("topk", torch.Generator()))
     )
@@ -210,8 +251,13 @@ def test_from_saelens_reads_a_pre_6_config(tmp_path):
     ],
 )
 def test_from_saelens_refuses_what_it_cannot_import_faithfully(tmp_path, change, words):
-    cfg = {"architecture": "standard", "d_in": D, "d_sae": F, "dtype": "float32",
-           "metadata": {"sae_lens_version": "6.0.0"}}  # fmt: skip
+    cfg = {
+        "architecture": "standard",
+        "d_in": D,
+        "d_sae": F,
+        "dtype": "float32",
+        "metadata": {"sae_lens_version": "6.0.0"},
+    }
     tensors = _saelens_tensors("standard", torch.Generator()) | change.pop("tensors", {})
     with pytest.raises(ValueError) as info:
         from_saelens(_write_saelens(tmp_path / "sl", cfg | change, tensors))
@@ -233,11 +279,24 @@ def _features_json(run: Path, extra: dict | None = None) -> dict:
         "acts": [0.0, 2.5, 3.1],
         "center": 1,
     }
-    feature = {"id": 0, "density": 0.01, "max_act": 3.1, "mean_act": 1.2, "examples": [example],
-               "top_logits": [[" dog", 1.5], [" mat", 1.2]], "bottom_logits": [[" the", -0.7]]} | (extra or {})  # fmt: skip
+    feature = {
+        "id": 0,
+        "density": 0.01,
+        "max_act": 3.1,
+        "mean_act": 1.2,
+        "examples": [example],
+        "top_logits": [[" dog", 1.5], [" mat", 1.2]],
+        "bottom_logits": [[" the", -0.7]],
+    } | (extra or {})
     dead = {"id": 1, "density": 0.0, "max_act": 0.0, "mean_act": 0.0, "examples": []}
-    analysis = {"model": "smollm2-135m", "hook": "model.layers.15", "arch": "topk", "d_sae": 2, "n_tokens": 1000,
-                "features": [feature, dead]}  # fmt: skip
+    analysis = {
+        "model": "smollm2-135m",
+        "hook": "model.layers.15",
+        "arch": "topk",
+        "d_sae": 2,
+        "n_tokens": 1000,
+        "features": [feature, dead],
+    }
     (run / "analysis").mkdir(parents=True)
     (run / "analysis" / "features.json").write_text(json.dumps(analysis))
     return analysis
@@ -269,9 +328,11 @@ def test_neuronpedia_export_uses_histograms_intervals_and_neighbours_when_presen
     extra = {
         "histogram": {"edges": [0.0, 1.0, 2.0], "counts": [5, 2]},
         "nearest": [[4, 0.61], [9, 0.42]],
-        "intervals": [{"lo": 0.0, "hi": 1.0, "count": 6, "examples": [example]},
-                      {"lo": 1.0, "hi": 2.0, "count": 2, "examples": []}],
-    }  # fmt: skip
+        "intervals": [
+            {"lo": 0.0, "hi": 1.0, "count": 6, "examples": [example]},
+            {"lo": 1.0, "hi": 2.0, "count": 2, "examples": []},
+        ],
+    }
     _features_json(tmp_path / "run", extra)
     out = json.loads(to_neuronpedia(tmp_path / "run", tmp_path / "np.json", "my-model", "res").read_text())
     feature = out["features"][0]
@@ -375,10 +436,13 @@ def test_training_logs_the_run_directory_as_artifacts(tmp_path, corpus, wandb_of
 
     job = TrainJob(
         model=ModelConfig(name="tiny", dtype="float32", layer=1, batch_size=4),
-        data=DataConfig(path=str(corpus), context_size=64), sae=SAEConfig(k=8, expansion_factor=2),
+        data=DataConfig(path=str(corpus), context_size=64),
+        sae=SAEConfig(k=8, expansion_factor=2),
         train=TrainConfig(tokens=1024, harvest_tokens=1024, batch_size=256, eval_every=0),
-        wandb=WandbConfig(mode="offline"), run_dir=str(tmp_path / "run"), do_analyze=False,
-    )  # fmt: skip
+        wandb=WandbConfig(mode="offline"),
+        run_dir=str(tmp_path / "run"),
+        do_analyze=False,
+    )
     job.eval.tokens, job.eval.loss_contexts, job.eval.train_loss_contexts = 512, 0, 0
     run_training(job)
     (files,) = calls
@@ -396,8 +460,13 @@ def test_analyze_runs_on_a_saelens_sae(tmp_path, corpus):
     sae.save(tmp_path / "ours", extra={"model": "tiny", "hook": "model.layers.2", "context_size": 64})
     saelens_dir = to_saelens(tmp_path / "ours", tmp_path / "saelens")
     model = ModelConfig(name="tiny", dtype="float32", batch_size=4, device="cpu")
-    job = AnalyzeJob(run_dir=str(tmp_path / "analysis"), sae_dir=str(saelens_dir), model=model,
-                     data_path=str(corpus), analyze=AnalyzeConfig(tokens=512, top_k=3))  # fmt: skip
+    job = AnalyzeJob(
+        run_dir=str(tmp_path / "analysis"),
+        sae_dir=str(saelens_dir),
+        model=model,
+        data_path=str(corpus),
+        analyze=AnalyzeConfig(tokens=512, top_k=3),
+    )
     assert run_analysis(job).exists()  # the dashboard
     analysis = json.loads((tmp_path / "analysis" / "analysis" / "features.json").read_text())
     assert (
@@ -451,8 +520,10 @@ def test_saelens_loads_our_export_and_matches_it(tmp_path, arch):
         torch.testing.assert_close(theirs.decode(z), sae(x).x_hat, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("arch", "options"), [("topk", {"k": 6, "rescale_acts_by_decoder_norm": True}),
-                                               ("jumprelu", {}), ("standard", {})])  # fmt: skip
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [("topk", {"k": 6, "rescale_acts_by_decoder_norm": True}), ("jumprelu", {}), ("standard", {})],
+)
 def test_we_import_what_saelens_saves(tmp_path, arch, options):
     sae_lens = pytest.importorskip("sae_lens")
     cls, cfg_cls = sae_lens.registry.get_sae_class(arch)

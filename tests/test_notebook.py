@@ -153,11 +153,27 @@ def _found() -> TextFeatures:
     acts = torch.tensor([[2.0, 1.0], [4.0, 0.0], [0.0, 0.0], [1.0, 3.0], [0.5, 0.0], [0.0, 0.0]])
     idx = torch.tensor([[7, 1], [7, 0], [0, 0], [1, 7], [2, 0], [0, 0]])
     ranked = [
-        {"id": 7, "total": 9.0, "max": 4.0, "tokens": 3, "density": 0.01, "max_act": 8.0,
-         "promotes": ["<i>", " Paris"], "example": "a«</script>»b"},
-        {"id": 1, "total": 4.0, "max": 3.0, "tokens": 2, "density": None, "max_act": None, "promotes": [],
-         "example": ""},
-    ]  # fmt: skip
+        {
+            "id": 7,
+            "total": 9.0,
+            "max": 4.0,
+            "tokens": 3,
+            "density": 0.01,
+            "max_act": 8.0,
+            "promotes": ["<i>", " Paris"],
+            "example": "a«</script>»b",
+        },
+        {
+            "id": 1,
+            "total": 4.0,
+            "max": 3.0,
+            "tokens": 2,
+            "density": None,
+            "max_act": None,
+            "promotes": [],
+            "example": "",
+        },
+    ]
     kept = [True, True, False, True, True, True]
     return TextFeatures("".join(HOSTILE), [0] * 6, list(HOSTILE), kept, Code(acts, idx), 16, ranked)
 
@@ -175,9 +191,13 @@ def test_text_html_shades_by_one_feature_and_escapes_tokens():
     assert [text for _, _, text in spans] == ["The", " </script>", "<b>", ' "x" & y', "↵", "'"]
     # Shading is relative to the feature's max activation in the analysis (8); hover shows the value.
     assert [s[1].split(";")[0] for s in spans] == [
-        "background:rgba(255,140,0,0.25)", "background:rgba(255,140,0,0.50)", "background:rgba(255,140,0,0.00)",
-        "background:rgba(255,140,0,0.38)", "background:rgba(255,140,0,0.00)", "background:rgba(255,140,0,0.00)",
-    ]  # fmt: skip
+        "background:rgba(255,140,0,0.25)",
+        "background:rgba(255,140,0,0.50)",
+        "background:rgba(255,140,0,0.00)",
+        "background:rgba(255,140,0,0.38)",
+        "background:rgba(255,140,0,0.00)",
+        "background:rgba(255,140,0,0.00)",
+    ]
     assert spans[3][0] == "' \"x\" & y'  feature 7: 3.000"
     assert "skipped" in spans[2][0] and "line-through" in spans[2][1]
     # Without an analysis max, shading is relative to the max on the text.
@@ -199,8 +219,15 @@ def test_tables_escape_tokens_and_analysis_text():
 
 def test_feature_card_renders_what_the_analysis_has():
     ex = {"act": 5.0, "row": 3, "pos": 40, "tokens": HOSTILE, "acts": [0, 1, 5, 2.5, 0, 0], "center": 2}
-    base = {"id": 4, "density": 0.01, "max_act": 5.0, "mean_act": 2.0, "examples": [ex],
-            "top_logits": [["<i>", 1.0]], "bottom_logits": [[" the", -1.0]]}  # fmt: skip
+    base = {
+        "id": 4,
+        "density": 0.01,
+        "max_act": 5.0,
+        "mean_act": 2.0,
+        "examples": [ex],
+        "top_logits": [["<i>", 1.0]],
+        "bottom_logits": [[" the", -1.0]],
+    }
     card = explore.feature_card(base)
     assert "Feature 4" in card and "</script>" not in card and "<b>" not in card and "<i>" not in card
     assert "band" not in card and "histogram" not in card and "nearest" not in card

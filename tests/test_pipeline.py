@@ -18,16 +18,31 @@ from sae.train import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model=tiny", "data=files", "train.tokens=6144", "train.harvest_tokens=4096", "train.batch_size=256",
-    "eval.tokens=2048", "eval.loss_contexts=4", "analyze.tokens=2048", "data.context_size=64", "sae.k=8",
-    "sae.expansion_factor=2", "model.batch_size=4",
-]  # fmt: skip
+    "model=tiny",
+    "data=files",
+    "train.tokens=6144",
+    "train.harvest_tokens=4096",
+    "train.batch_size=256",
+    "eval.tokens=2048",
+    "eval.loss_contexts=4",
+    "analyze.tokens=2048",
+    "data.context_size=64",
+    "sae.k=8",
+    "sae.expansion_factor=2",
+    "model.batch_size=4",
+]
 
 
 def _run(script: str, *overrides: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = os.environ | {"WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
-    proc = subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -94,8 +109,18 @@ def test_notebook_runs_against_a_real_run(tiny_run):
 
 
 def test_multirun_sweep_trains_one_run_per_value(corpus, tmp_path):
-    _run("train.py", "-m", *TINY, f"data.path={corpus}", "sae.k=4,8", f"run_dir={tmp_path}/k${{sae.k}}",
-         "wandb.mode=disabled", "do_analyze=false", "eval.loss_contexts=0", cwd=tmp_path)  # fmt: skip
+    _run(
+        "train.py",
+        "-m",
+        *TINY,
+        f"data.path={corpus}",
+        "sae.k=4,8",
+        f"run_dir={tmp_path}/k${{sae.k}}",
+        "wandb.mode=disabled",
+        "do_analyze=false",
+        "eval.loss_contexts=0",
+        cwd=tmp_path,
+    )
     for k in (4, 8):
         assert json.loads((tmp_path / f"k{k}" / "cfg.json").read_text())["k"] == k
 
@@ -103,9 +128,20 @@ def test_multirun_sweep_trains_one_run_per_value(corpus, tmp_path):
 def test_sweep_through_the_submitit_launcher(corpus, tmp_path):
     # The SLURM launcher's code path, with submitit's local executor in place of a cluster: each run of the
     # sweep is a separate submitted job.
-    _run("train.py", "-m", "hydra/launcher=submitit_local", *TINY, f"data.path={corpus}", "sae.k=4,8",
-         f"run_dir={tmp_path}/k${{sae.k}}", "wandb.mode=disabled", "do_analyze=false", "eval.loss_contexts=0",
-         f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path)  # fmt: skip
+    _run(
+        "train.py",
+        "-m",
+        "hydra/launcher=submitit_local",
+        *TINY,
+        f"data.path={corpus}",
+        "sae.k=4,8",
+        f"run_dir={tmp_path}/k${{sae.k}}",
+        "wandb.mode=disabled",
+        "do_analyze=false",
+        "eval.loss_contexts=0",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        cwd=tmp_path,
+    )
     for k in (4, 8):
         assert json.loads((tmp_path / f"k{k}" / "cfg.json").read_text())["k"] == k
     assert len(list((tmp_path / "sweep" / ".submitit").glob("*/*_result.pkl"))) == 2
@@ -125,8 +161,17 @@ def every_arch_run(corpus, tmp_path_factory) -> tuple[Path, str]:
     """One harvest of two hooks, six SAEs: every architecture on block 2 and a TopK on block 1."""
     run_dir = tmp_path_factory.mktemp("runs") / "archs"
     saes = "[" + ",".join(f"{{arch:{a}}}" for a in ARCHS) + ",{hook:resid.1}]"
-    proc = _run("train.py", *TINY, f"data.path={corpus}", f"run_dir={run_dir}", "wandb.mode=offline", f"saes={saes}",
-         "train.eval_every=10", "train.log_every=5", "eval.train_loss_contexts=2")  # fmt: skip
+    proc = _run(
+        "train.py",
+        *TINY,
+        f"data.path={corpus}",
+        f"run_dir={run_dir}",
+        "wandb.mode=offline",
+        f"saes={saes}",
+        "train.eval_every=10",
+        "train.log_every=5",
+        "eval.train_loss_contexts=2",
+    )
     return run_dir, proc.stdout + proc.stderr
 
 

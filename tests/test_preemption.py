@@ -18,18 +18,39 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 400
 ARGS = [
-    "model=tiny", "data=files", f"train.tokens={STEPS * 256}", "train.harvest_tokens=4096", "train.batch_size=256",
-    "train.buffer_tokens=1024", "train.checkpoint_every=10", "train.log_every=10", "train.dead_tokens=2560",
-    "train.eval_every=150", "eval.train_loss_contexts=2", "eval.tokens=1024", "eval.loss_contexts=2",
-    "data.context_size=64", "sae.k=8", "sae.expansion_factor=2", "model.batch_size=4", "wandb.mode=disabled",
+    "model=tiny",
+    "data=files",
+    f"train.tokens={STEPS * 256}",
+    "train.harvest_tokens=4096",
+    "train.batch_size=256",
+    "train.buffer_tokens=1024",
+    "train.checkpoint_every=10",
+    "train.log_every=10",
+    "train.dead_tokens=2560",
+    "train.eval_every=150",
+    "eval.train_loss_contexts=2",
+    "eval.tokens=1024",
+    "eval.loss_contexts=2",
+    "data.context_size=64",
+    "sae.k=8",
+    "sae.expansion_factor=2",
+    "model.batch_size=4",
+    "wandb.mode=disabled",
     "do_analyze=false",
-]  # fmt: skip
+]
 MODES = {"in_memory": ["train.in_memory=true"], "streamed": ["train.in_memory=false"]}
 
 
 def _command(corpus: Path, run_dir: Path, mode: str, *extra: str) -> list[str]:
-    return [sys.executable, str(ROOT / "train.py"), *ARGS, *MODES[mode], f"data.path={corpus}",
-            f"run_dir={run_dir}", *extra]  # fmt: skip
+    return [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *ARGS,
+        *MODES[mode],
+        f"data.path={corpus}",
+        f"run_dir={run_dir}",
+        *extra,
+    ]
 
 
 def _env() -> dict:
@@ -103,8 +124,9 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resume_gives_identical_weight
     tmp_path, corpus, reference
 ):
     run_dir = tmp_path / "run"
-    stopped = _start_and_signal(_command(corpus, run_dir, "streamed"), tmp_path / "run.tmp" / "checkpoint",
-                                signal.SIGTERM)  # fmt: skip
+    stopped = _start_and_signal(
+        _command(corpus, run_dir, "streamed"), tmp_path / "run.tmp" / "checkpoint", signal.SIGTERM
+    )
     stderr = stopped.stderr.read()  # type: ignore[union-attr]
     assert stopped.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert "SIGTERM received: training stopped after step" in stderr
@@ -114,8 +136,14 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resume_gives_identical_weight
     assert f"after step {state['step']};" in stderr  # the checkpoint is of the step it stopped after
 
     # Without resume=true the waiting checkpoint is not overwritten, and the message says what to do.
-    proc = subprocess.run(_command(corpus, run_dir, "streamed"), cwd=ROOT, env=_env(), capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        _command(corpus, run_dir, "streamed"),
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert f"checkpointed at step {state['step']}: pass resume=true to continue it" in proc.stderr
     assert json.loads((tmp_path / "run.tmp" / "checkpoint" / "state.json").read_text()) == state
@@ -188,8 +216,11 @@ def test_resuming_several_saes_keeps_the_finished_ones_and_continues_the_interru
     ).exists()
     changed = job("b", resume=True)
     changed.train.lr = 3e-3
-    with pytest.raises(ValueError, match=r"topk-k8-x2-resid.2/checkpoint with the settings it started with, but "
-                                         r"train.lr: None -> 0.003; restore them"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"topk-k8-x2-resid.2/checkpoint with the settings it started with, but "
+        r"train.lr: None -> 0.003; restore them",
+    ):
         pipeline.run_training(changed)
     assert (tmp / "topk-k8-x2-resid.2" / "checkpoint" / "state.json").exists()  # refused, and nothing lost
     calls.clear()

@@ -31,8 +31,18 @@ def data(n: int = 2000, seed: int = 0) -> torch.Tensor:
 
 def cfg(**kw) -> TrainConfig:
     # dead_tokens small enough that latents die and AuxK runs: its dead set is part of the state.
-    kw = dict(tokens=STEPS * B, batch_size=B, warmup_steps=3, log_every=5, checkpoint_every=7,
-              dead_tokens=6 * B, eval_every=0) | kw  # fmt: skip
+    kw = (
+        dict(
+            tokens=STEPS * B,
+            batch_size=B,
+            warmup_steps=3,
+            log_every=5,
+            checkpoint_every=7,
+            dead_tokens=6 * B,
+            eval_every=0,
+        )
+        | kw
+    )
     return TrainConfig(**kw)
 
 
@@ -144,10 +154,19 @@ def test_resume_of_a_cache_stream_is_exact(tmp_path):
             path / name, {"acts.m": part, "token_id": zeros, "row": zeros.long(), "pos": zeros.clone()}
         )
         listed.append({"file": name, "tokens": 96, "batches": s + 1})
-    write_json(path / "meta.json", {
-        "provenance": {"modules": ["m"]}, "dtype": "float32", "d_in": {"m": D}, "shard_tokens": 96,
-        "shards": listed, "batches": 10, "tokens": 960, "complete": True,
-    })  # fmt: skip
+    write_json(
+        path / "meta.json",
+        {
+            "provenance": {"modules": ["m"]},
+            "dtype": "float32",
+            "d_in": {"m": D},
+            "shard_tokens": 96,
+            "shards": listed,
+            "batches": 10,
+            "tokens": 960,
+            "complete": True,
+        },
+    )
     cache = ActivationCache(path)
 
     def make():
@@ -215,8 +234,9 @@ def test_resume_without_a_checkpoint_starts_fresh_and_a_finished_run_does_no_mor
     b = weights(train(SAE_CFG, cfg(), make(), checkpoint_dir=tmp_path / "b"))
     assert_identical(a, b)
     logged = []
-    again = train(SAE_CFG, cfg(), make(), log=lambda m, s: logged.append(s), checkpoint_dir=tmp_path / "a",
-                  resume=True)  # fmt: skip
+    again = train(
+        SAE_CFG, cfg(), make(), log=lambda m, s: logged.append(s), checkpoint_dir=tmp_path / "a", resume=True
+    )
     assert logged == [] and json.loads((tmp_path / "a" / "state.json").read_text())["step"] == STEPS
     assert_identical(weights(again), a)
 
@@ -260,12 +280,12 @@ def _truncate(path: Path) -> None:
         (
             lambda p: save_tensors(p / "optimizer.safetensors", {"W_dec.exp_avg": torch.zeros(2)}),
             r"optimizer.safetensors: .* is missing, expected shape",
-        ),  # fmt: skip
+        ),
         (lambda p: _truncate(p / "loop.safetensors"), r"checkpoint loop file .* truncated or corrupt"),
         (
             lambda p: save_tensors(p / "loop.safetensors", {"since_fired": torch.zeros(3)}),
             r"loop.safetensors: since_fired is missing or not of shape \[256\]",
-        ),  # fmt: skip
+        ),
         (
             lambda p: _truncate(p / "stream-rank0.safetensors"),
             r"stream file of rank 0 .* truncated or corrupt",
@@ -283,8 +303,13 @@ def test_a_damaged_checkpoint_fails_naming_the_file(tmp_path, damage, message):
 def test_a_checkpoint_of_another_sae_or_world_size_is_refused(tmp_path):
     ckpt = _checkpoint(tmp_path)
     with pytest.raises(ValueError, match=r"holds an SAE .*'k': 2.*but this run trains .*'k': 8"):
-        train(SAEConfig(expansion_factor=4, k=8), cfg(), streams()["in_memory"](), checkpoint_dir=ckpt,
-              resume=True)  # fmt: skip
+        train(
+            SAEConfig(expansion_factor=4, k=8),
+            cfg(),
+            streams()["in_memory"](),
+            checkpoint_dir=ckpt,
+            resume=True,
+        )
     state = json.loads((ckpt / "state.json").read_text())
     write_json(ckpt / "state.json", state | {"world": 2})
     with pytest.raises(
@@ -300,8 +325,12 @@ def test_save_checkpoint_replaces_the_directory_whole(tmp_path):
     save_checkpoint(sae, opt, {"step": 1}, ckpt, stream={"a": torch.ones(2), "n": 1})
     (ckpt / "stale").write_text("from an older checkpoint")
     save_checkpoint(sae, opt, {"step": 2}, ckpt)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["cfg.json", "optimizer.safetensors", "sae.safetensors",
-                                                      "state.json"]  # fmt: skip
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "cfg.json",
+        "optimizer.safetensors",
+        "sae.safetensors",
+        "state.json",
+    ]
     assert json.loads((ckpt / "state.json").read_text()) == {"step": 2, "world": 1, "stream": False}
 
 

@@ -15,7 +15,7 @@ from sae.config import (
     TrainConfig,
     TrainJob,
     WandbConfig,
-)  # fmt: skip
+)
 from sae.data import packed_contexts
 from sae.pipeline import run_training
 

@@ -207,14 +207,23 @@ def test_checkpoint_dir_holds_weights_optimizer_and_state(tmp_path):
     sae = train(SAEConfig(expansion_factor=4, k=4), cfg, sparse_data(), log=log, checkpoint_dir=ckpt)
     scale = D**0.5 / next(sparse_data()).norm(dim=1).mean().item()
     assert seen[20] | {"input_scale": 0} == {
-        "step": 20, "tokens": 20 * B, "input_scale": 0, "since_log": 9 * B, "since_eval": 20 * B, "world": 1,
+        "step": 20,
+        "tokens": 20 * B,
+        "input_scale": 0,
+        "since_log": 9 * B,
+        "since_eval": 20 * B,
+        "world": 1,
         "stream": False,
-    }  # fmt: skip
+    }
     assert seen[20]["input_scale"] == pytest.approx(scale)
     # A generator has no saved position (a resumed run replays it), so there is no stream state.
     assert {p.name for p in ckpt.iterdir()} == {
-        "sae.safetensors", "cfg.json", "optimizer.safetensors", "loop.safetensors", "state.json"
-    }  # fmt: skip
+        "sae.safetensors",
+        "cfg.json",
+        "optimizer.safetensors",
+        "loop.safetensors",
+        "state.json",
+    }
     assert not ckpt.with_name("ckpt.new").exists() and not ckpt.with_name("ckpt.old").exists()
     state = json.loads((ckpt / "state.json").read_text())
     assert (state["step"], state["tokens"], state["input_scale"]) == (30, 30 * B, pytest.approx(scale))
@@ -231,8 +240,12 @@ def test_checkpoint_dir_holds_weights_optimizer_and_state(tmp_path):
 
 def test_checkpoint_state_counts_the_steps_taken_when_data_ends_early(tmp_path):
     data = iter([torch.randn(B, D) for _ in range(5)])
-    train(SAEConfig(expansion_factor=4, k=4), TrainConfig(tokens=50 * B, batch_size=B), data,
-          checkpoint_dir=tmp_path)  # fmt: skip
+    train(
+        SAEConfig(expansion_factor=4, k=4),
+        TrainConfig(tokens=50 * B, batch_size=B),
+        data,
+        checkpoint_dir=tmp_path,
+    )
     state = json.loads((tmp_path / "state.json").read_text())
     assert (state["step"], state["tokens"]) == (5, 5 * B)
 
@@ -252,7 +265,6 @@ def test_fvu_l0_firing_counts_dead_fraction():
     counts = firing_counts(acts, idx, 6)
     assert counts.tolist() == [2.0, 2.0, 0.0, 0.0, 0.0, 0.0]
     assert dead_fraction(counts) == pytest.approx(4 / 6)
-
 
 
 @torch.inference_mode()
@@ -340,8 +352,13 @@ def test_in_training_evaluation_logs_density_histograms_and_receives_raw_units()
     cfg = TrainConfig(
         tokens=30 * B, batch_size=B, warmup_steps=2, log_every=10, eval_every=10, dead_tokens=10**9
     )
-    train(SAEConfig(expansion_factor=4, k=4), cfg, sparse_data(), log=lambda m, s: logged.setdefault(s, {}).update(m),
-          evaluate=evaluate)  # fmt: skip
+    train(
+        SAEConfig(expansion_factor=4, k=4),
+        cfg,
+        sparse_data(),
+        log=lambda m, s: logged.setdefault(s, {}).update(m),
+        evaluate=evaluate,
+    )
     assert len(seen) == 2 and seen[-1] < 0.5  # at steps 9 and 19; not after the last step
     for step in (9, 19):
         density = logged[step]["train/log10_density"]
@@ -423,8 +440,9 @@ def _poisoned(at: int, value: float = float("nan")):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, value):
     # Batch 25 is poisoned; checkpoints every 10 steps; the check at log step 30 stops the run.
-    cfg = TrainConfig(tokens=60 * B, batch_size=B, warmup_steps=5, log_every=10, checkpoint_every=10,
-                      dead_tokens=10**9)  # fmt: skip
+    cfg = TrainConfig(
+        tokens=60 * B, batch_size=B, warmup_steps=5, log_every=10, checkpoint_every=10, dead_tokens=10**9
+    )
     with pytest.raises(TrainingDiverged, match=r"between steps 20 and 29.*step 20\) is in") as caught:
         train(SAEConfig(expansion_factor=4, k=4), cfg, _poisoned(25, value), checkpoint_dir=tmp_path / "ckpt")
     assert caught.value.checkpoint == tmp_path / "ckpt"
