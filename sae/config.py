@@ -14,6 +14,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 ARCHS = ("topk", "batchtopk", "matryoshka", "jumprelu", "relu")
 PRECISIONS = ("auto", "float32", "bfloat16")
 WANDB_MODES = ("offline", "online", "disabled")
+BAD_ROWS = ("error", "skip")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -64,10 +65,20 @@ class DataConfig:
     """Tokens per packed context, including the BOS token each context starts with."""
     holdout_every: int = 10
     """Every n-th row (row_id % n == n - 1) is held out for evaluation and analysis, never trained on."""
+    bad_rows: str = "error"
+    """Rows whose text is not a string (null, a number): `error` stops at the first, naming its row; `skip`
+    leaves them out and counts them."""
 
     def __post_init__(self) -> None:
-        _check(self.context_size >= 2, f"data.context_size={self.context_size} must be >= 2")
+        # BOS + one text token: the only scored prediction is made at BOS, which no splice touches, so the
+        # spliced-in loss would compare a run with itself (0 / 0).
+        _check(
+            self.context_size >= 3,
+            f"data.context_size={self.context_size} must be >= 3: BOS and at least two text tokens, so "
+            "that a next-token prediction is made from a text position the SAE is spliced into",
+        )
         _check(self.holdout_every >= 2, f"data.holdout_every={self.holdout_every} must be >= 2")
+        _check(self.bad_rows in BAD_ROWS, f"data.bad_rows={self.bad_rows!r} is not one of {BAD_ROWS}")
 
 
 @dataclass
@@ -260,7 +271,11 @@ class TrainJob:
     `[{arch: topk}, {arch: jumprelu}]`, `[{hook: resid.6}, {hook: resid.15}]`); each is written to
     `run_dir/<arch>-k<k>-x<expansion>[-hook]`. Empty: the one SAE `sae`, written to `run_dir`."""
     run_dir: str = "runs/default"
-    """Where the SAE, its config, metrics and analysis are written (replaced atomically at the end)."""
+    """Where the SAE, its config, metrics and analysis are written, assembled in `<run_dir>.tmp` and renamed
+    into place at the end. A new directory, or a finished run of this tool (replaced with `overwrite`)."""
+    overwrite: bool = False
+    """Replace the finished run already in `run_dir`; without it, such a run is refused (and a directory
+    this tool did not write is always refused)."""
     do_analyze: bool = True
     """Run the analysis and write the dashboard after training."""
     resume: bool = False
@@ -344,5 +359,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=train)
     cs.store(name="analyze_schema", node=analyze)
+    # Outside the groups, so `sae=...` and --help offer only the YAML options; each group's YAML files extend
+    # theirs with `- /<group>_schema@_here_`.
     for group, node in (("model", ModelConfig), ("data", data), ("sae", SAEConfig)):
-        cs.store(group=group, name=f"{group}_schema", node=node)
+        cs.store(name=f"{group}_schema", node=node)

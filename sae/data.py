@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from sae import hub
 from sae.config import DataConfig
 from sae.files import write_text
 
@@ -125,6 +126,10 @@ def load_rows(cfg: DataConfig):
                 f"corrupt or not {builder}? ({type(err).__name__}: {err})"
             ) from None
     elif os.path.isdir(path) or not looks_local:
+        why = hub.unreachable() if not os.path.isdir(path) and not hub.offline() else None
+        if why is not None:
+            local = f"give local files (data=files data.path=...) or data.path={WIKIPEDIA_SAMPLE}"
+            raise hub.error("data.path", cfg.path, why, local)
         try:
             ds = datasets.load_dataset(path, cfg.name, split=cfg.split, streaming=cfg.streaming)
         except datasets.data_files.EmptyDatasetError:
@@ -195,6 +200,38 @@ def _read(rows, cfg: DataConfig) -> Iterator[dict]:
         yield r
 
 
+def _not_text(cfg: DataConfig, i: int, text: object) -> TypeError:
+    return TypeError(
+        f"data.text_column={cfg.text_column!r} holds {type(text).__name__} values (row {i}: {text!r:.60}), "
+        "not text; set data.bad_rows=skip to leave such rows out"
+    )
+
+
+def is_local(cfg: DataConfig) -> bool:
+    """Whether `cfg.path` names local files (or the offline corpus), which can be read whole up front."""
+    path = os.path.expanduser(cfg.path)
+    return cfg.path == WIKIPEDIA_SAMPLE or bool(_local_files(path))
+
+
+def check_rows(cfg: DataConfig, rows=None) -> dict[str, int]:
+    """Reads every row of the corpus once (before any long work) and counts them: `rows`, `held_out` (held-out
+    rows with text), `skipped` (rows whose text is not a string, with `data.bad_rows=skip`). A text that is
+    not a string raises, naming its row, unless `data.bad_rows=skip`."""
+    rows = load_rows(cfg) if rows is None else rows
+    counts = {"rows": 0, "held_out": 0, "skipped": 0}
+    n = cfg.holdout_every
+    for i, r in enumerate(_read(rows, cfg)):
+        counts["rows"] += 1
+        text = r.get(cfg.text_column)
+        if not isinstance(text, str):
+            if cfg.bad_rows != "skip":
+                raise _not_text(cfg, i, text)
+            counts["skipped"] += 1
+        elif i % n == n - 1 and text.strip():
+            counts["held_out"] += 1
+    return counts
+
+
 def packed_contexts(cfg: DataConfig, tokenizer, split: str, batch_size: int, rows=None) -> Iterator[Contexts]:
     """Yields batches of `batch_size` packed contexts from the `split` ('train' or 'test') rows.
 
@@ -226,10 +263,9 @@ def packed_contexts(cfg: DataConfig, tokenizer, split: str, batch_size: int, row
                 )
             text = r[cfg.text_column]
             if not isinstance(text, str):
-                raise TypeError(
-                    f"data.text_column={cfg.text_column!r} holds {type(text).__name__} values "
-                    f"(row {i}: {text!r:.60}), not text"
-                )
+                if cfg.bad_rows == "skip":
+                    continue
+                raise _not_text(cfg, i, text)
             if text.strip():
                 n_text += 1
                 yield i, text

@@ -438,6 +438,9 @@ def main(argv: list[str] | None = None) -> None:
             out = to_neuronpedia(args.run_dir, args.out_path, args.model_id, args.source_set)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
+    except OSError as err:  # the output: a file where a directory goes, a read-only file system, a full disk
+        target = args.out_dir if args.format == "saelens" else args.out_path
+        parser.error(f"cannot write {target!r}: {err.strerror or err} ({err.filename or target})")
     print(f"wrote {out}")
 
 

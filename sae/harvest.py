@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from sae import hub
 from sae.config import ModelConfig
 from sae.data import Contexts, cache_dir
 from sae.devices import resolve_device, resolve_dtype
@@ -102,9 +103,26 @@ def load_model(cfg: ModelConfig) -> tuple[PreTrainedModel, Any]:
         model, tokenizer = tiny_model(), tiny_tokenizer()
     else:
         name = str(_smollm2_dir()) if cfg.name == SMOLLM2 else cfg.name
-        kwargs = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        kwargs: dict[str, Any] = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        hub_id = cfg.name != SMOLLM2 and not Path(cfg.name).expanduser().exists()
+        why = hub.unreachable() if hub_id and not hub.offline() else None
+        if why is not None:
+            kwargs["local_files_only"] = (
+                True  # the hub client would retry for a minute; the cache may hold it
+            )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kwargs)
+        except OSError as err:
+            if why is not None:
+                raise hub.error("model.name", cfg.name, why, "give a local model directory") from None
+            if hub_id and hub.offline():
+                raise OSError(
+                    f"model.name={cfg.name!r} is a hub id that is not in the local Hugging Face cache, and "
+                    "HF_HUB_OFFLINE=1 forbids downloading it; give a local model directory, or unset "
+                    f"HF_HUB_OFFLINE where the hub can be reached ({err})"
+                ) from None
+            raise
     model.to(device=device, dtype=dtype).eval().requires_grad_(False)  # type: ignore[call-arg]  # decorated .to
     return model, tokenizer
 

@@ -5,6 +5,7 @@ long work starts, then trains each SAE of the job in its run directory (`sae.run
 re-analyses a finished run or a SAELens SAE into a dashboard.
 """
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -22,7 +23,7 @@ from sae import analyze as an
 from sae import devices, formats, harvest, rundir, site, stream, tracking
 from sae.cache import ActivationCache, write_cache
 from sae.config import AnalyzeConfig, AnalyzeJob, DataConfig, SAEConfig, TrainJob, sae_variants
-from sae.data import Contexts, packed_contexts
+from sae.data import Contexts, check_rows, is_local, packed_contexts
 from sae.evaluate import held_out_pass, loss_recovered
 from sae.files import write_json
 from sae.model import SAE
@@ -214,6 +215,34 @@ def _first_batch(cfg: TrainJob, tokenizer, rank: int, world: int) -> Iterator[Co
     return itertools.chain([first], contexts)
 
 
+def _check_held_out(cfg: TrainJob, tokenizer) -> None:
+    """Raises, before any long work, if a row's text is not a string (`data.bad_rows=error`; local corpora are
+    read whole for it) or the held-out rows give no batch of contexts for evaluation and analysis."""
+    counts = check_rows(cfg.data) if is_local(cfg.data) else None
+    if counts and counts["skipped"]:
+        print(
+            f"data.path={cfg.data.path!r}: {counts['skipped']} rows whose text is not a string are left out"
+        )
+    try:
+        next(packed_contexts(cfg.data, tokenizer, "test", cfg.model.batch_size))
+    except ValueError as err:
+        if "fewer than one batch" not in str(err):
+            raise
+        n = cfg.data.holdout_every
+        found = (
+            f"{counts['rows']} rows, of which {counts['held_out']} held out with text"
+            if counts is not None
+            else "too few held-out rows"
+        )
+        raise ValueError(
+            f"data.path={cfg.data.path!r} has {found} (every data.holdout_every={n}-th row, rows {n - 1}, "
+            f"{2 * n - 1}, ...): evaluation and analysis need at least one batch of model.batch_size="
+            f"{cfg.model.batch_size} contexts of data.context_size={cfg.data.context_size} tokens of held-out "
+            "text. Lower data.holdout_every or model.batch_size, split the text into more rows (a blank line "
+            "separates the rows of a .txt file), or add text"
+        ) from None
+
+
 def _checked(cfg: TrainJob, variants: list[SAEConfig], modules: list[str], widths: dict, world: int) -> None:
     """Raises on settings that cannot work together, before any harvest."""
     for v, m in zip(variants, modules):
@@ -294,12 +323,20 @@ def run_training(cfg: TrainJob) -> dict:
     context batches and trains with cfg.train.batch_size / world tokens a step; rank 0 writes the run."""
     start = time.time()
     rank, world = devices.distributed(cfg.train.batch_size, cfg.model.device)
+    final = rundir.run_path(cfg.run_dir)
+    with rundir.locked(final) if rank == 0 else contextlib.nullcontext():
+        return _run_training(cfg, final, start, rank, world)
+
+
+def _run_training(cfg: TrainJob, final: Path, start: float, rank: int, world: int) -> dict:
+    """`run_training` of this process, holding the run directory's lock on rank 0."""
     variants = sae_variants(cfg)
-    final = Path(cfg.run_dir)
     tmp = rundir.tmp_dir(final)
     if cfg.resume and not tmp.exists() and rundir.same_finished_run(cfg, variants, final):
         print(f"run_dir={cfg.run_dir!r} is finished with these settings: nothing to resume")
         return json.loads((final / "metrics.json").read_text())
+    if rank == 0:
+        rundir.check_run_dir(cfg)
     model, tokenizer = harvest.load_model(cfg.model)
     s = _Session(cfg, model, tokenizer, threading.Lock(), start, rank, world)
     default = harvest.resolve_module(model, cfg.model)
@@ -311,6 +348,7 @@ def run_training(cfg: TrainJob) -> dict:
     widths = harvest.module_widths(model, harvested)
     _checked(cfg, variants, modules, widths, world)
     contexts = _first_batch(cfg, tokenizer, rank, world)
+    _check_held_out(cfg, tokenizer)
     # Before the run directory: a cache of other settings fails here.
     cache = _cache(s, harvested, contexts) if cfg.train.cache_dir else None
 

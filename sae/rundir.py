@@ -9,13 +9,23 @@ trained, evaluated and analysed, so a failed or interrupted job never leaves a h
                                         analysis/, dashboard/
     <run_dir>.last-good-checkpoint/     where a diverged run's last finite checkpoint is kept
 
+A run directory is ours only if we made it: a directory is replaced only when it is empty or a finished run of
+this tool (its `.sae-run` marker, or the files a run holds) with nothing else in it, and only with
+`overwrite=true`; anything else is refused before any work. `<run_dir>.lock` makes one job at a time the
+writer of a run directory.
+
 `open_run` reads a finished run back (its job, SAE and, optionally, the model and module it reads) for
 analysis, the notebook explorer and the format exporters.
 """
 
 import contextlib
 import dataclasses
+import datetime
+import fcntl
+import json
+import os
 import shutil
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,12 +35,19 @@ from sae import harvest
 from sae.checkpoint import find_checkpoint
 from sae.config import SAEConfig, TrainJob, from_dict
 from sae.devices import resolve_device
-from sae.files import read_json
+from sae.files import read_json, write_json
 from sae.model import CONFIG, SAE, WEIGHTS, read_config
 from sae.train import Interrupted, TrainingDiverged
 
 RUN_JSON = "run.json"
 """The training job's settings, as `dataclasses.asdict(TrainJob)`: what reopening a run needs."""
+MARKER = ".sae-run"
+"""Written into every directory this tool assembles (and so into every finished run): what makes a directory
+ours to replace."""
+FAILED = "failed.json"
+"""Left in `<run_dir>.tmp` by an error after a checkpoint: the error, and whether resuming can get past it."""
+OURS = {"sae.safetensors", "cfg.json", RUN_JSON, "metrics.json", "analysis", "dashboard", "wandb", MARKER}
+"""What a run directory of this tool holds (besides checkpoints and the directories of a `saes` list)."""
 
 
 def tmp_dir(final: Path) -> Path:
@@ -125,8 +142,19 @@ def interrupted_checkpoint(tmp: Path) -> Path | None:
 
 
 def prepare_tmp(cfg: TrainJob, tmp: Path) -> None:
-    """Clears `tmp` for a fresh run, or keeps it for `cfg.resume`; refuses to discard a resumable run."""
+    """Clears `tmp` for a fresh run, or keeps it for `cfg.resume`; refuses to discard a resumable run, and
+    to resume past an error that resuming would meet again."""
     waiting = interrupted_checkpoint(tmp) if tmp.exists() else None
+    failed = read_json(tmp / FAILED, "failure record") if (tmp / FAILED).is_file() else None
+    if waiting is not None and failed is not None and not failed.get("resumable", True):
+        if cfg.resume:
+            raise ValueError(
+                f"resume=true cannot help: the last attempt at run_dir={cfg.run_dir!r} failed after its "
+                f"checkpoint with {failed.get('error')}, which resuming would meet again. Fix its cause and "
+                f"run without resume=true to start over ({tmp} is then replaced)"
+            )
+        print(f"{tmp}: starting over (the last attempt failed with {failed.get('error')})", file=sys.stderr)
+        waiting = None
     if waiting is not None and not cfg.resume:
         step = read_json(waiting / "state.json", "checkpoint state").get("step", "?")
         raise ValueError(
@@ -136,12 +164,32 @@ def prepare_tmp(cfg: TrainJob, tmp: Path) -> None:
     if waiting is None:
         shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
+    (tmp / FAILED).unlink(missing_ok=True)
+    if not (tmp / MARKER).exists():
+        write_json(tmp / MARKER, {"tool": "sae", "created": _now()})
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def finish(tmp: Path, final: Path) -> None:
-    """Renames the assembled run directory `tmp` into place as `final`, replacing an earlier run there."""
-    if final.exists():
-        shutil.rmtree(final)
+    """Renames the assembled run directory `tmp` into place as `final`, replacing what `check_run_dir`
+    allowed there: an empty directory, or a finished run of ours with nothing else in it."""
+    if final.is_dir() and not any(final.iterdir()):
+        final.rmdir()
+    elif final.exists():
+        foreign = _foreign(final)
+        if foreign:  # added since the job started: still not ours to delete
+            raise FileExistsError(
+                f"run_dir={str(final)!r} now holds files this tool did not write ({', '.join(foreign[:5])}); "
+                f"the new run stays in {tmp}: move those files out and rename it, or keep both"
+            )
+        old = final.with_name(f"{final.name}.replaced-{os.getpid()}")
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+        return
     tmp.rename(final)
 
 
@@ -170,11 +218,161 @@ def cleaned_up_on_failure(tmp: Path, final: Path, rank: int = 0) -> Iterator[Non
         if rank == 0 and waiting is None:
             shutil.rmtree(tmp, ignore_errors=True)
         elif waiting is not None and not isinstance(e, Interrupted):
-            print(
-                f"{tmp} keeps its checkpoint {waiting}: run again with resume=true to continue from it",
-                file=sys.stderr,
-            )
+            _record_failure(tmp, waiting, e)
         raise
+
+
+def _record_failure(tmp: Path, waiting: Path, e: BaseException) -> None:
+    """Says what a failure after checkpoint `waiting` leaves in `tmp`, and records it there (`FAILED`)."""
+    # Bad input found late (data, settings) is met again by a resumed run; a crash, a full disk or a lost
+    # node are not.
+    resumable = not isinstance(e, ValueError | TypeError)
+    error = f"{type(e).__name__}: {e}"
+    with contextlib.suppress(OSError):
+        write_json(tmp / FAILED, {"error": error, "resumable": resumable, "when": _now()})
+    if resumable:
+        advice = "run again with resume=true to continue from it"
+    else:
+        advice = (
+            "resume=true would meet the same error. Fix its cause and run again without resume=true to start "
+            f"over ({tmp} is then replaced), or delete {tmp}"
+        )
+    print(f"{tmp} keeps its checkpoint {waiting}: {advice}", file=sys.stderr)
+
+
+# --- before any work: what run_dir names, and who writes it --------------------------------------------
+
+
+def _is_run(path: Path) -> bool:
+    """Whether directory `path` is a finished run of this tool (one SAE, or a `saes` list of them)."""
+    if (path / MARKER).is_file():
+        return True
+    if (path / RUN_JSON).is_file() and (path / "sae.safetensors").is_file():
+        return True  # written before the marker existed
+    subruns = [p for p in path.iterdir() if p.is_dir() and (p / RUN_JSON).is_file()]
+    return (path / "metrics.json").is_file() and bool(subruns)
+
+
+def _foreign(path: Path) -> list[str]:
+    """The entries of run directory `path` that this tool did not write, as paths relative to it."""
+    out = []
+    for entry in sorted(path.iterdir()):
+        if entry.name in OURS or entry.name.startswith("checkpoint"):
+            continue
+        if entry.is_dir() and (entry / RUN_JSON).is_file():  # one SAE of a `saes` list
+            out += [f"{entry.name}/{name}" for name in _foreign(entry)]
+        else:
+            out.append(entry.name)
+    return out
+
+
+def _ours_tmp(tmp: Path) -> bool:
+    """Whether `tmp` is a temporary directory this tool made (or an empty one)."""
+    return (tmp / MARKER).is_file() or interrupted_checkpoint(tmp) is not None or not any(tmp.iterdir())
+
+
+def run_path(run_dir: str) -> Path:
+    """`run_dir` as a path, checked to name a directory of its own (not `.`, `..` or `/`) under directories
+    (not files)."""
+    final = Path(run_dir).expanduser()
+    if final.name in ("", ".", ".."):
+        raise ValueError(
+            f"run_dir={run_dir!r} names {str(final.resolve())!r}, not a directory of its own; give a new "
+            "directory for the run, e.g. run_dir=runs/my-run"
+        )
+    for parent in final.parents:
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"run_dir={run_dir!r} cannot be created: {str(parent)!r} is a file")
+    return final
+
+
+def check_run_dir(cfg: TrainJob) -> None:
+    """Refuses, before any work, a `run_dir` this job may not write: one naming no directory of its own
+    (`.`, `/`), a file, a directory this tool did not write, a finished run without `overwrite=true` (or
+    holding files of someone else's), or a place where the directory cannot be created."""
+    given = cfg.run_dir
+    final = run_path(given)
+    if final.exists() and not final.is_dir():
+        raise NotADirectoryError(
+            f"run_dir={given!r} is an existing file, not a directory; give a directory path for the run"
+        )
+    if final.is_dir() and any(final.iterdir()):
+        if not _is_run(final):
+            shown = sorted(p.name for p in final.iterdir())
+            more = f", ... ({len(shown)} entries)" if len(shown) > 5 else ""
+            raise FileExistsError(
+                f"run_dir={given!r} is a directory this tool did not write (it holds {', '.join(shown[:5])}"
+                f"{more}); choose another run_dir: nothing in it is touched"
+            )
+        foreign = _foreign(final)
+        if foreign:
+            raise FileExistsError(
+                f"run_dir={given!r} is a finished run, but also holds files this tool did not write "
+                f"({', '.join(foreign[:5])}); move them out to replace it, or choose another run_dir"
+            )
+        if not cfg.overwrite:
+            raise FileExistsError(
+                f"run_dir={given!r} holds a finished run; pass overwrite=true to replace it, or choose another "
+                "run_dir"
+            )
+    tmp = tmp_dir(final)
+    if tmp.exists() and not (tmp.is_dir() and _ours_tmp(tmp)):
+        raise FileExistsError(
+            f"{str(tmp)!r} exists and was not made by this tool; it is where run_dir={given!r} is assembled: "
+            "move it away or choose another run_dir"
+        )
+    parent = final.parent.resolve()
+    while not parent.exists():
+        parent = parent.parent
+    if not final.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"run_dir={given!r} cannot be created: {str(parent)!r} is not writable (read-only file system or "
+            "permissions); give a run_dir on a writable file system"
+        )
+
+
+@contextlib.contextmanager
+def locked(final: Path) -> Iterator[None]:
+    """Holds `<run_dir>.lock` while inside: a second job on the same run directory is refused at once, naming
+    the holder. The lock is the file's flock, which the operating system releases when the holder exits,
+    however it exits, so a crashed job leaves no stale lock: at most the file, which the next job takes over."""
+    path = final.with_name(final.name + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 4096, 0).decode(errors="replace")
+            os.close(fd)
+            raise RuntimeError(
+                f"run_dir={str(final)!r} is being written by another job ({_holder(text)}; lock {path}): wait "
+                "for it to finish, or choose another run_dir"
+            ) from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the last holder removed the file while we opened it: take the new one
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def _holder(text: str) -> str:
+    try:
+        who = json.loads(text)
+        return f"pid {who['pid']} on host {who['host']}, since {who['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "another process"
 
 
 # --- opening a finished run -----------------------------------------------------------------------------
@@ -207,8 +405,13 @@ def sae_dir(run_dir: str | Path) -> Path:
             "(what train.py writes)"
         )
     if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
-        inner = sorted(p.name for p in path.iterdir() if (p / WEIGHTS).is_file())
+        # Checkpoints hold an SAE too, but in the scaled training space: never offered as one.
+        inner = sorted(
+            p.name for p in path.iterdir() if (p / WEIGHTS).is_file() and not p.name.startswith("checkpoint")
+        )
         hint = f"; it holds several SAEs, pass one of its subdirectories: {inner}" if inner else ""
+        if interrupted_checkpoint(path) is not None:
+            hint = "; it is an unfinished run: finish it with `python train.py ... resume=true`"
         raise FileNotFoundError(
             f"{str(path)!r} holds no {WEIGHTS} and {CONFIG}: is it a run directory?{hint}"
         )
