@@ -153,8 +153,9 @@ def test_sigterm_writes_a_checkpoint_exits_143_and_resume_gives_identical_weight
     # A finished run has nothing to resume.
     proc = _run(_command(corpus, run_dir, "streamed", "resume=true"))
     assert "is finished with these settings: nothing to resume" in proc.stdout
-    # With other settings there is nothing to resume either: it is a new run, trained from scratch.
-    proc = _run(_command(corpus, run_dir, "streamed", "resume=true", "train.lr=0.002"))
+    # With other settings there is nothing to resume either: it is a new run, trained from scratch, which
+    # replaces the finished one only when asked to.
+    proc = _run(_command(corpus, run_dir, "streamed", "resume=true", "train.lr=0.002", "overwrite=true"))
     assert "nothing to resume" not in proc.stdout and f"| 0/{STEPS} [" in proc.stderr
     assert json.loads((run_dir / "run.json").read_text())["train"]["lr"] == 0.002
 
