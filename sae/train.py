@@ -22,6 +22,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -38,7 +39,7 @@ from sae.checkpoint import (
 )
 from sae.config import SAEConfig, TrainConfig
 from sae.devices import resolve_dtype
-from sae.model import SAE, read_config
+from sae.model import SAE, Step, read_config
 from sae.stream import is_resumable
 
 # Sparsity coefficients in FVU units for SmolLM2-135M block 15 (4608 latents). At 400k tokens: jumprelu 1.5e-3
@@ -122,8 +123,16 @@ def build(sae_cfg: SAEConfig, d_in: int, seed: int = 0) -> SAE:
     """The untrained SAE a config describes, for activations of width d_in."""
     d_sae = sae_cfg.expansion_factor * d_in
     prefixes = tuple(sorted({max(1, round(f * d_sae)) for f in sae_cfg.prefixes}))
-    return SAE(d_in, d_sae, sae_cfg.k, arch=sae_cfg.arch, prefixes=prefixes, bandwidth=sae_cfg.bandwidth,
-               threshold_init=sae_cfg.threshold_init, seed=seed)  # fmt: skip
+    return SAE(
+        d_in,
+        d_sae,
+        sae_cfg.k,
+        arch=sae_cfg.arch,
+        prefixes=prefixes,
+        bandwidth=sae_cfg.bandwidth,
+        threshold_init=sae_cfg.threshold_init,
+        seed=seed,
+    )
 
 
 class Interrupted(Exception):
@@ -143,12 +152,13 @@ SIGUSR1/SIGUSR2 of `--signal=USR2@90`, which submitit uses), and Ctrl-C."""
 
 
 @contextlib.contextmanager
-def _stop_on_signals() -> Iterator[list[int]]:
+def _stop_on_signals(enabled: bool = True) -> Iterator[list[int]]:
     """While inside, the `STOP_SIGNALS` only record their number in the yielded list, for the loop to stop at
-    the end of the step; a second Ctrl-C interrupts at once. The previous handlers return on leaving."""
+    the end of the step; a second Ctrl-C interrupts at once. The previous handlers return on leaving. Not
+    `enabled` (or outside the main thread, where signal handlers cannot be set): the list stays empty."""
     received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received  # signal handlers can only be set in the main thread
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield received
         return
 
     def handle(signum, _frame):
@@ -207,8 +217,13 @@ def _rank_weights(
     return {k: w_r if k == "auxk" else mean if k.endswith("penalty") else w_x for k in keys}
 
 
-def _reduce_step(params: list[torch.nn.Parameter], buffers: list[torch.Tensor], fired: torch.Tensor,
-                 losses: dict[str, torch.Tensor], stopping: bool) -> tuple[torch.Tensor, dict, torch.Tensor]:  # fmt: skip
+def _reduce_step(
+    params: list[torch.nn.Parameter],
+    buffers: list[torch.Tensor],
+    fired: torch.Tensor,
+    losses: dict[str, torch.Tensor],
+    stopping: bool,
+) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """One all-reduce for a data-parallel step: sums the ranks' gradients (in place), firing counts [F] and
     weighted loss terms, averages the buffers (in place), and counts the ranks told to stop. Returns the
     global (fired, losses, stop votes)."""
@@ -236,6 +251,388 @@ def _agreed_signal(received: list[int], device: torch.device) -> int:
     signum = torch.tensor([received[0] if received else 0], device=device)
     dist.all_reduce(signum, op=dist.ReduceOp.MAX)
     return int(signum.item())
+
+
+@dataclass
+class _Counters:
+    """The loop's running counts, saved in checkpoints: per-latent firing statistics on the device and token
+    counts on the host."""
+
+    since_fired: torch.Tensor  # [F] tokens since each latent fired
+    window: torch.Tensor  # [F] firings since the last log
+    eval_window: torch.Tensor  # [F] firings since the last evaluation
+    dead: torch.Tensor  # [n_dead] the dead latents AuxK uses, refreshed at log steps
+    tokens: int = 0
+    since_log: int = 0  # tokens since the last log
+    since_eval: int = 0  # tokens since the last evaluation
+
+    @classmethod
+    def fresh(cls, d_sae: int, dead_tokens: int, device: torch.device) -> "_Counters":
+        """The counts of a run that has not started."""
+        since_fired = torch.zeros(d_sae, dtype=torch.long, device=device)
+        window, eval_window = torch.zeros(d_sae, device=device), torch.zeros(d_sae, device=device)
+        return cls(since_fired, window, eval_window, (since_fired >= dead_tokens).nonzero().flatten())
+
+    @classmethod
+    def restored(cls, loop: dict[str, torch.Tensor], state: dict, device: torch.device) -> "_Counters":
+        """The counts a checkpoint saved: its loop tensors and state.json."""
+        since_fired, window, eval_window, dead = (
+            loop[k].to(device) for k in ("since_fired", "window", "eval_window", "dead")
+        )
+        since_log, since_eval = state.get("since_log", 0), state.get("since_eval", 0)
+        return cls(since_fired, window, eval_window, dead, state["tokens"], since_log, since_eval)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The per-latent counts by their checkpoint names."""
+        return {
+            "since_fired": self.since_fired,
+            "window": self.window,
+            "eval_window": self.eval_window,
+            "dead": self.dead,
+        }
+
+    def add(self, fired: torch.Tensor, n: int) -> None:
+        """Counts a step of n tokens (all ranks') in which latent i fired on fired[i] of them [F]."""
+        self.window += fired
+        self.eval_window += fired
+        self.since_fired = torch.where(fired > 0, 0, self.since_fired + n)
+        self.tokens += n
+        self.since_log += n
+        self.since_eval += n
+
+    def logged(self, dead_tokens: int) -> None:
+        """Starts the next log window and refreshes the dead latents (a host read: at log steps only)."""
+        self.window.zero_()
+        self.since_log = 0
+        self.dead = (self.since_fired >= dead_tokens).nonzero().flatten()
+
+    def evaluated(self) -> None:
+        """Starts the next evaluation window."""
+        self.eval_window.zero_()
+        self.since_eval = 0
+
+
+class _Divergence:
+    """Watches the loss and the weights for NaN and inf. The losses of every step are or-ed into a flag on the
+    device, and the host reads it (and the weights) only at `check`, so the steps in between never wait."""
+
+    def __init__(
+        self, params: list[torch.nn.Parameter], start: int, checkpoint_dir: Path | None, device: torch.device
+    ):
+        self.params, self.checkpoint_dir = params, checkpoint_dir
+        # Whether a loss was NaN or infinite since the last check.
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        self.checked = start  # the last step known finite
+
+    def record(self, loss: torch.Tensor) -> None:
+        """Notes whether a step's loss (a scalar) is finite, without reading it back."""
+        self.nonfinite.logical_or_(~torch.isfinite(loss))
+
+    def check(self, step: int, saved: int | None) -> None:
+        """Raises TrainingDiverged if a loss since the last check, or a weight now, is not finite; `saved` is
+        the step of the last checkpoint written (None: none was)."""
+        if bool(self.nonfinite) or not all(bool(torch.isfinite(p).all()) for p in self.params):
+            where = (
+                f"the last good checkpoint (step {saved}) is in {self.checkpoint_dir}"
+                if saved is not None
+                else "no checkpoint was written before it"
+            )
+            raise TrainingDiverged(
+                f"training diverged: the loss or the weights became NaN or infinite between steps "
+                f"{self.checked} and {step}; {where}. Lower train.lr, or look for NaN/inf in the activations "
+                "(model.dtype=float32 rules out bf16 overflow).",
+                self.checkpoint_dir if saved is not None else None,
+            )
+        self.checked = step
+
+
+def _resumed(checkpoint_dir: Path | None, resume: bool, world: int) -> tuple[Path | None, dict | None]:
+    """The checkpoint a run resumes from and its state.json, or (None, None) for a new run."""
+    found = find_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
+    return found, read_checkpoint_state(found, world) if found is not None else None
+
+
+def _batches(
+    activations: Iterable[torch.Tensor],
+    found: Path | None,
+    state: dict | None,
+    rank: int,
+    device: torch.device,
+) -> tuple[Iterator[torch.Tensor], torch.Tensor | None, int]:
+    """The batches left to train on: (their iterator past the first, the first [B, D] as float32 on `device`
+    or None where a resumed stream has ended, d_in). A resumed run (checkpoint `found`, its state.json
+    `state`) continues where it stopped."""
+    resumable = is_resumable(activations)
+    if state is not None and state["stream"] and resumable:
+        activations.restore(load_stream_state(found, rank))  # type: ignore[arg-type, attr-defined]
+    batches = iter(activations)
+    if state is not None and not (state["stream"] and resumable):
+        # A stream without a saved position: replay it past the batches already trained on.
+        for _ in range(state["step"]):
+            if next(batches, None) is None:
+                break
+    first = next(batches, None)
+    if first is None:
+        if state is None:
+            raise ValueError("train() received no activation batches")
+        return batches, None, read_config(found)["d_in"]  # type: ignore[arg-type]
+    return batches, first.to(device).float(), first.shape[1]
+
+
+def _scaled(
+    first: torch.Tensor | None, batches: Iterator[torch.Tensor], scale: float, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """The training batches [B, D]: float32 on `device`, times the input scale."""
+    if first is not None:
+        yield first * scale
+    for x in batches:
+        yield x.to(device).float() * scale
+
+
+def _init_sae(
+    sae_cfg: SAEConfig,
+    cfg: TrainConfig,
+    d_in: int,
+    first: torch.Tensor | None,
+    state: dict | None,
+    device: torch.device,
+    world: int,
+) -> tuple[SAE, float]:
+    """The SAE to train, on `device`, and its input scale. A new run takes the scale and b_dec from the first
+    global batch (`first` [B, D] on each rank); a resumed one (checkpoint state.json `state`) its saved
+    scale, its weights being loaded later. Every data-parallel rank starts from rank 0's weights."""
+    sae = build(sae_cfg, d_in, cfg.seed).to(device)
+    if state is not None:
+        scale = state["input_scale"]
+    else:
+        assert first is not None
+        # The whole global batch sets the input scale and b_dec, as one process would see it.
+        init = first  # [B, D]
+        if world > 1:
+            parts = [torch.empty_like(first) for _ in range(world)]
+            dist.all_gather(parts, first.contiguous())
+            init = torch.cat(parts)  # [W * B, D]
+        scale = math.sqrt(d_in) / init.norm(dim=1).mean().item() if cfg.normalize_inputs else 1.0
+        if sae_cfg.b_dec_init != "zeros":
+            init = init * scale
+            b_dec = geometric_median(init) if sae_cfg.b_dec_init == "geometric_median" else init.mean(dim=0)
+            sae.b_dec.data.copy_(b_dec)
+    if world > 1:
+        for t in sae.state_dict().values():
+            dist.broadcast(t, 0)
+    return sae, scale
+
+
+def _optimizer(
+    sae: SAE, sae_cfg: SAEConfig, cfg: TrainConfig, steps: int
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
+    """Adam (the JumpReLU threshold at its own rate) and its learning-rate schedule over `steps`."""
+    lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
+    groups = [{"params": [p for n, p in sae.named_parameters() if n != "threshold"], "lr": lr}]
+    if sae.arch == "jumprelu":
+        groups.append({"params": [sae.threshold], "lr": lr * sae_cfg.threshold_lr_scale})
+    opt = torch.optim.Adam(groups, lr=lr, eps=6.25e-10, fused=True)  # one pass per parameter
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, steps, cfg.warmup_steps, cfg.decay_fraction)
+    )
+    return opt, sched
+
+
+def _sparsity(sae_cfg: SAEConfig, cfg: TrainConfig, arch: str, steps: int) -> Callable[[int], float]:
+    """The sparsity coefficient of each step: the configured or the architecture's default one, warmed up
+    linearly over the first `sparsity_warmup` of the steps."""
+    coef = sae_cfg.sparsity_coef if sae_cfg.sparsity_coef is not None else DEFAULT_SPARSITY.get(arch, 0.0)
+    warm = max(1, round(cfg.sparsity_warmup * steps))
+    return lambda step: coef * min(1.0, (step + 1) / warm)
+
+
+def _loop_state(
+    found: Path | None,
+    state: dict | None,
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    dead_tokens: int,
+    device: torch.device,
+) -> tuple[_Counters, int]:
+    """The counts and the first step of the loop: a new run's, or those of checkpoint `found` (state.json
+    `state`), which is loaded into `sae` and `opt` with the RNG states and the learning rate it saved."""
+    if found is None:
+        return _Counters.fresh(sae.d_sae, dead_tokens, device), 0
+    assert state is not None
+    loop = load_checkpoint(found, sae, opt)
+    torch.set_rng_state(loop.pop("rng.cpu"))
+    if device.type == "cuda" and "rng.cuda" in loop:
+        torch.cuda.set_rng_state(loop.pop("rng.cuda"), device)
+    start = state["step"]
+    sched.last_epoch = start - 1
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": here on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        sched.step()  # the learning rate of step `start`
+    return _Counters.restored(loop, state, device), start
+
+
+def _checkpointer(
+    path: Path | None,
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    counters: _Counters,
+    scale: float,
+    activations: Iterable[torch.Tensor],
+    extra_state: dict | None,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> Callable[[int], None]:
+    """The function writing the checkpoint after a given step to `path`, as the run stands then."""
+    resumable = is_resumable(activations)
+
+    def checkpoint(step: int) -> None:
+        """Writes the checkpoint after `step` steps (all ranks take part)."""
+        assert path is not None
+        loop = counters.tensors() | {"rng.cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            loop["rng.cuda"] = torch.cuda.get_rng_state(device)
+        state = {
+            "step": step,
+            "tokens": counters.tokens,
+            "input_scale": scale,
+            "since_log": counters.since_log,
+            "since_eval": counters.since_eval,
+        } | (extra_state or {})
+        stream_state = activations.state() if resumable else None  # type: ignore[attr-defined]
+        save_checkpoint(sae, opt, state, path, loop, stream_state, rank, world)
+
+    return checkpoint
+
+
+def _forward(sae: SAE, cfg: TrainConfig, device: torch.device) -> Callable[..., Step]:
+    """`sae.step`, compiled under `cfg.compile`, its large matmuls in bf16 where `cfg.precision` resolves to it."""
+    step_fn = torch.compile(sae.step) if cfg.compile else sae.step
+    bf16 = resolve_precision(cfg.precision, device) == torch.bfloat16
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def forward(
+        x: torch.Tensor, dead: torch.Tensor, sparsity_coef: float, auxk_coef: float, multi_topk: bool
+    ) -> Step:
+        """The training forward pass of x [B, D] (`SAE.step`)."""
+        with autocast:
+            return step_fn(x, dead, sparsity_coef, auxk_coef, multi_topk)
+
+    return forward
+
+
+def _backward(
+    out: Step,
+    x: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    shared: list[torch.Tensor],
+    world: int,
+    stopping: bool,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Sets the gradients of the loss of forward pass `out` on x [B, D], those of the global batch where
+    data-parallel (see `_rank_weights`, `_reduce_step`). Returns the global batch's (loss terms, loss,
+    firings [F]) and the number of ranks told to stop (None in one process)."""
+    losses = out.losses
+    if world > 1:
+        weights = _rank_weights(x, out.x_hat, losses, world)
+        losses = {k: v * weights[k] for k, v in losses.items()}
+    loss = torch.stack(list(losses.values())).sum()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if world == 1:
+        return losses, loss, out.fired, None
+    fired, losses, votes = _reduce_step(params, shared, out.fired, losses, stopping)
+    return losses, torch.stack(list(losses.values())).sum(), fired, votes
+
+
+def _update(
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    params: list[torch.nn.Parameter],
+    grad_clip: float,
+) -> None:
+    """One optimizer step from the gradients: without their part along the unit-norm decoder rows, clipped,
+    then the decoder rows back at unit norm."""
+    if sae.unit_decoder:
+        sae.remove_parallel_grad()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    sched.step()
+    if sae.unit_decoder:
+        sae.normalize_decoder()
+
+
+def _train_metrics(
+    x: torch.Tensor,
+    out: Step,
+    losses: dict[str, torch.Tensor],
+    loss: torch.Tensor,
+    scale: float,
+    counters: _Counters,
+    sched: torch.optim.lr_scheduler.LRScheduler,
+    seconds: float,
+) -> dict[str, float]:
+    """The metrics of a log step on batch x [B, D] (scaled): its loss terms, L0 and MSE in raw units, and over
+    the window since the last log (`seconds` long) the dead and dense fractions of latents and the
+    throughput."""
+    metrics = {f"train/{k}": v.item() for k, v in losses.items()}
+    return metrics | {
+        "train/loss": loss.item(),
+        "train/l0": out.l0.item(),
+        "train/mse": float((x - out.x_hat).pow(2).mean().item() / scale**2),
+        "train/dead_fraction": len(counters.dead) / len(counters.since_fired),
+        "train/dense_fraction": (counters.window > DENSE * counters.since_log).float().mean().item(),
+        "train/lr": float(sched.get_last_lr()[0]),
+        "train/tokens": counters.tokens,
+        "train/tokens_per_second": counters.since_log / seconds,
+    }
+
+
+def _postfix(metrics: dict[str, float]) -> dict[str, str]:
+    """The progress bar's summary of a log step's metrics."""
+    return {
+        "fvu": f"{metrics['train/fvu']:.3f}",
+        "l0": f"{metrics['train/l0']:.1f}",
+        "dead": f"{metrics['train/dead_fraction']:.3f}",
+    }
+
+
+def _eval_metrics(
+    sae: SAE, scale: float, device: torch.device, counters: _Counters, evaluate: Evaluate | None
+) -> dict:
+    """The metrics of an evaluation step: the latents' firing densities since the last one, and those
+    `evaluate` returns for the SAE in raw units."""
+    density = counters.eval_window / counters.since_eval  # [F]
+    metrics = {"train/log10_density": density.clamp_min(1e-10).log10().cpu()}
+    if evaluate is not None:
+
+        def reconstruct(x: torch.Tensor) -> torch.Tensor:
+            """Raw activations [B, D] -> their reconstructions [B, D]."""
+            return sae(x.to(device) * scale).x_hat / scale
+
+        sae.eval()
+        with torch.no_grad():
+            metrics |= {f"eval/{k}": v for k, v in evaluate(reconstruct).items()}
+        sae.train()
+    return metrics
+
+
+def _stopping(
+    received: list[int], votes: torch.Tensor | None, step: int, steps: int, device: torch.device
+) -> bool:
+    """Whether training stops after `step` for a stop signal. Data-parallel (`votes`: the number of ranks that
+    received one), the votes are read every 10 steps, the same steps on every rank, so all stop after the
+    same one, and `received` then holds the signal they agree on."""
+    if votes is None:
+        return bool(received)
+    stop = (step % 10 == 0 or step == steps - 1) and bool(votes.item())
+    if stop:
+        received[:] = [_agreed_signal(received, device)]
+    return stop
 
 
 def train(
@@ -273,203 +670,51 @@ def train(
     if device.type == "cpu":
         keep_freed_memory()
     rank, world = _world()
-    resumable = is_resumable(activations)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    found = find_checkpoint(checkpoint_dir) if resume and checkpoint_dir is not None else None
-    saved_state = read_checkpoint_state(found, world) if found is not None else None
-    if found is not None and saved_state["stream"] and resumable:  # type: ignore[index]
-        activations.restore(load_stream_state(found, rank))  # type: ignore[attr-defined]
-    batches = iter(activations)
-    if saved_state is not None and not (saved_state["stream"] and resumable):
-        # A stream without a saved position: replay it past the batches already trained on.
-        for _ in range(saved_state["step"]):
-            if next(batches, None) is None:
-                break
-    first = next(batches, None)
-    if first is None and saved_state is None:
-        raise ValueError("train() received no activation batches")
-    d_in = first.shape[1] if first is not None else read_config(found)["d_in"]  # type: ignore[arg-type]
-    sae = build(sae_cfg, d_in, cfg.seed).to(device)
-    if first is not None:
-        first = first.to(device).float()
-    if saved_state is None:
-        assert first is not None
-        # The whole global batch sets the input scale and b_dec, as one process would see it.
-        init = first
-        if world > 1:
-            parts = [torch.empty_like(first) for _ in range(world)]
-            dist.all_gather(parts, first.contiguous())
-            init = torch.cat(parts)
-        scale = math.sqrt(d_in) / init.norm(dim=1).mean().item() if cfg.normalize_inputs else 1.0
-        if sae_cfg.b_dec_init != "zeros":
-            init = init * scale
-            b_dec = geometric_median(init) if sae_cfg.b_dec_init == "geometric_median" else init.mean(dim=0)
-            sae.b_dec.data.copy_(b_dec)
-    else:
-        scale = saved_state["input_scale"]
-    if world > 1:
-        for t in sae.state_dict().values():
-            dist.broadcast(t, 0)
-
-    lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
-    groups = [{"params": [p for n, p in sae.named_parameters() if n != "threshold"], "lr": lr}]
-    if sae.arch == "jumprelu":
-        groups.append({"params": [sae.threshold], "lr": lr * sae_cfg.threshold_lr_scale})
-    opt = torch.optim.Adam(groups, lr=lr, eps=6.25e-10, fused=True)  # one pass per parameter
+    found, state = _resumed(checkpoint_dir, resume, world)
+    batches, first, d_in = _batches(activations, found, state, rank, device)
+    sae, scale = _init_sae(sae_cfg, cfg, d_in, first, state, device, world)
     steps = max(1, cfg.tokens // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, steps, cfg.warmup_steps, cfg.decay_fraction)
+    opt, sched = _optimizer(sae, sae_cfg, cfg, steps)
+    sparsity = _sparsity(sae_cfg, cfg, sae.arch, steps)
+    counters, start = _loop_state(found, state, sae, opt, sched, cfg.dead_tokens, device)
+    forward = _forward(sae, cfg, device)
+    checkpoint = _checkpointer(
+        checkpoint_dir, sae, opt, counters, scale, activations, extra_state, device, rank, world
     )
-    coef = sae_cfg.sparsity_coef if sae_cfg.sparsity_coef is not None else DEFAULT_SPARSITY.get(sae.arch, 0.0)
-    warm = max(1, round(cfg.sparsity_warmup * steps))
-    since_fired = torch.zeros(sae.d_sae, dtype=torch.long, device=device)  # tokens since each latent fired
-    window = torch.zeros(sae.d_sae, device=device)  # firings since the last log
-    eval_window = torch.zeros(sae.d_sae, device=device)  # firings since the last evaluation
-    dead = (since_fired >= cfg.dead_tokens).nonzero().flatten()  # the dead latents, refreshed at log steps
-    tokens = start = since_log = since_eval = 0
-    if saved_state is not None:
-        loop = load_checkpoint(found, sae, opt)  # type: ignore[arg-type]
-        torch.set_rng_state(loop.pop("rng.cpu"))
-        if device.type == "cuda" and "rng.cuda" in loop:
-            torch.cuda.set_rng_state(loop.pop("rng.cuda"), device)
-        loop = {k: v.to(device) for k, v in loop.items()}
-        since_fired, window, eval_window, dead = (
-            loop[k] for k in ("since_fired", "window", "eval_window", "dead")
-        )
-        start, tokens = saved_state["step"], saved_state["tokens"]
-        since_log, since_eval = saved_state.get("since_log", 0), saved_state.get("since_eval", 0)
-        sched.last_epoch = start - 1
-        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": here on purpose
-            warnings.simplefilter("ignore", UserWarning)
-            sched.step()  # the learning rate of step `start`
-    step_fn = torch.compile(sae.step) if cfg.compile else sae.step
-    bf16 = resolve_precision(cfg.precision, device) == torch.bfloat16
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-    def stream():
-        if first is not None:
-            yield first * scale
-        for x in batches:
-            yield x.to(device).float() * scale
-
-    def reconstruct(x: torch.Tensor) -> torch.Tensor:
-        return sae(x.to(device) * scale).x_hat / scale
-
-    def checkpoint(step: int) -> None:
-        """Writes the checkpoint after `step` steps (all ranks take part)."""
-        assert checkpoint_dir is not None
-        loop = {"since_fired": since_fired, "window": window, "eval_window": eval_window, "dead": dead,
-                "rng.cpu": torch.get_rng_state()}  # fmt: skip
-        if device.type == "cuda":
-            loop["rng.cuda"] = torch.cuda.get_rng_state(device)
-        state = {"step": step, "tokens": tokens, "input_scale": scale, "since_log": since_log,
-                 "since_eval": since_eval} | (extra_state or {})  # fmt: skip
-        stream_state = activations.state() if resumable else None  # type: ignore[attr-defined]
-        save_checkpoint(sae, opt, state, checkpoint_dir, loop, stream_state, rank, world)
-
-    bar = tqdm(zip(range(start, steps), stream()), initial=start, total=steps, desc=f"train {sae.arch}",
-               unit="step", disable=rank != 0)  # fmt: skip
-    done = start
-    clock = time.perf_counter()
-    sae.train()
-    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # a loss was NaN/inf since the last check
-    checked = start  # the last step known finite
-    saved: int | None = start if saved_state is not None else None  # the step of the last checkpoint written
     params = list(sae.parameters())
     shared = list(sae.buffers())  # running statistics (BatchTopK's threshold): averaged over ranks
-
-    def check(step: int) -> None:
-        """Raises TrainingDiverged if a loss since the last check, or a weight now, is not finite."""
-        nonlocal checked
-        if bool(nonfinite) or not all(bool(torch.isfinite(p).all()) for p in params):
-            where = (f"the last good checkpoint (step {saved}) is in {checkpoint_dir}" if saved is not None
-                     else "no checkpoint was written before it")  # fmt: skip
-            raise TrainingDiverged(
-                f"training diverged: the loss or the weights became NaN or infinite between steps {checked} "
-                f"and {step}; {where}. Lower train.lr, or look for NaN/inf in the activations "
-                "(model.dtype=float32 rules out bf16 overflow).",
-                checkpoint_dir if saved is not None else None,
-            )
-        checked = step
-
-    stop_on_signals: contextlib.AbstractContextManager[list[int]] = (
-        _stop_on_signals() if checkpoint_dir is not None else contextlib.nullcontext([])
-    )
-    with stop_on_signals as received:
+    divergence = _Divergence(params, start, checkpoint_dir, device)
+    saved = start if found is not None else None  # the step of the last checkpoint written
+    done, clock = start, time.perf_counter()
+    todo = zip(range(start, steps), _scaled(first, batches, scale, device))
+    bar = tqdm(todo, initial=start, total=steps, desc=f"train {sae.arch}", unit="step", disable=rank != 0)
+    sae.train()
+    with _stop_on_signals(checkpoint_dir is not None) as received:
         for step, x in bar:
-            with autocast:
-                out = step_fn(x, dead, coef * min(1.0, (step + 1) / warm), cfg.auxk_coef, sae_cfg.multi_topk)
-            losses = out.losses
-            if world > 1:
-                weights = _rank_weights(x, out.x_hat, losses, world)
-                losses = {k: v * weights[k] for k, v in losses.items()}
-            loss = torch.stack(list(losses.values())).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            fired = out.fired
-            if world > 1:
-                fired, losses, votes = _reduce_step(params, shared, fired, losses, bool(received))
-                loss = torch.stack(list(losses.values())).sum()
-            nonfinite.logical_or_(~torch.isfinite(loss))
-            if sae.unit_decoder:
-                sae.remove_parallel_grad()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-            if sae.unit_decoder:
-                sae.normalize_decoder()
-
-            n = x.shape[0] * world
-            window += fired
-            eval_window += fired
-            since_fired = torch.where(fired > 0, 0, since_fired + n)
-            tokens += n
-            since_log += n
-            since_eval += n
+            out = forward(x, counters.dead, sparsity(step), cfg.auxk_coef, sae_cfg.multi_topk)
+            losses, loss, fired, votes = _backward(out, x, opt, params, shared, world, bool(received))
+            divergence.record(loss)
+            _update(sae, opt, sched, params, cfg.grad_clip)
+            counters.add(fired, x.shape[0] * world)
             done = step + 1
             # Everything above runs without waiting for the device (but for data-parallel collectives); the host
             # reads values back only here.
             if step % cfg.log_every == 0 or step == steps - 1:
-                check(step)
+                divergence.check(step, saved)
                 now = time.perf_counter()
-                metrics = {f"train/{k}": v.item() for k, v in losses.items()}
-                metrics |= {
-                    "train/loss": loss.item(),
-                    "train/l0": out.l0.item(),
-                    "train/mse": float((x - out.x_hat).pow(2).mean().item() / scale**2),
-                    "train/dead_fraction": len(dead) / sae.d_sae,
-                    "train/dense_fraction": (window > DENSE * since_log).float().mean().item(),
-                    "train/lr": float(sched.get_last_lr()[0]),
-                    "train/tokens": tokens,
-                    "train/tokens_per_second": since_log / (now - clock),
-                }
+                metrics = _train_metrics(x, out, losses, loss, scale, counters, sched, now - clock)
                 log(metrics, step)
-                bar.set_postfix(fvu=f"{metrics['train/fvu']:.3f}", l0=f"{metrics['train/l0']:.1f}",
-                                dead=f"{metrics['train/dead_fraction']:.3f}")  # fmt: skip
-                window.zero_()
-                since_log, clock = 0, now
-                dead = (since_fired >= cfg.dead_tokens).nonzero().flatten()
+                bar.set_postfix(_postfix(metrics))
+                counters.logged(cfg.dead_tokens)
+                clock = now
             if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < steps:
-                density = eval_window / since_eval
-                metrics = {"train/log10_density": density.clamp_min(1e-10).log10().cpu()}
-                if evaluate is not None:
-                    sae.eval()
-                    with torch.no_grad():
-                        metrics |= {f"eval/{k}": v for k, v in evaluate(reconstruct).items()}
-                    sae.train()
-                log(metrics, step)
-                eval_window.zero_()
-                since_eval = 0
-            if world == 1:
-                stop = bool(received)
-            else:  # the votes are read every 10 steps, the same steps on every rank: all stop after the same one
-                stop = (step % 10 == 0 or step == steps - 1) and bool(votes.item())
-                if stop:
-                    received[:] = [_agreed_signal(received, device)]
+                log(_eval_metrics(sae, scale, device, counters, evaluate), step)
+                counters.evaluated()
+            stop = _stopping(received, votes, step, steps, device)
             periodic = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
             if checkpoint_dir is not None and (periodic or stop):
-                check(step)  # a checkpoint is only ever written from finite weights
+                divergence.check(step, saved)  # a checkpoint is only ever written from finite weights
                 checkpoint(step + 1)
                 saved = step + 1
             if stop:
@@ -477,7 +722,7 @@ def train(
                 assert checkpoint_dir is not None
                 raise Interrupted(received[0], step + 1, checkpoint_dir)
     bar.close()
-    check(done - 1)
+    divergence.check(done - 1, saved)
     if checkpoint_dir is not None and saved != done:
         checkpoint(done)
     sae.eval()
