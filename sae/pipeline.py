@@ -22,12 +22,12 @@ import torch.distributed as dist
 from sae import analyze as an
 from sae import devices, formats, harvest, rundir, site, stream, tracking
 from sae.cache import ActivationCache, write_cache
-from sae.config import AnalyzeConfig, AnalyzeJob, DataConfig, SAEConfig, TrainJob, sae_variants
+from sae.config import AnalyzeConfig, AnalyzeJob, DataConfig, SAEConfig, TrainConfig, TrainJob, sae_variants
 from sae.data import Contexts, check_rows, is_local, packed_contexts
 from sae.evaluate import held_out_pass, loss_recovered
 from sae.files import write_json
 from sae.model import SAE
-from sae.train import Interrupted, train
+from sae.train import DIVERGED_FVU, Interrupted, TrainingDiverged, default_lr, diverged_message, train
 
 
 @dataclasses.dataclass
@@ -184,6 +184,11 @@ def _train_one(
             return {}
         trained = {f"{k}_harvest_train": v for k, v in devices.peak_memory().items()}  # before evaluation's
         metrics, stats = _evaluate(s, sae, module, device)
+        if metrics["fvu"] > DIVERGED_FVU:
+            what = (
+                f"the held-out FVU is {metrics['fvu']:.3g} with {metrics['dead_fraction']:.0%} dead latents"
+            )
+            raise TrainingDiverged(diverged_message(what, cfg.train, _lr(sae, cfg.train)), None)
         metrics |= trained | devices.peak_memory()
         metrics["wall_seconds"] = round(time.time() - s.start, 1)
         run.summary.update({f"eval/{k}": v for k, v in metrics.items()})
@@ -200,6 +205,11 @@ def _train_one(
     finally:
         run.finish(exit_code=exit_code)
     return metrics
+
+
+def _lr(sae: SAE, cfg: TrainConfig) -> float:
+    """The learning rate an SAE was trained with."""
+    return cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
 
 
 def _first_batch(cfg: TrainJob, tokenizer, rank: int, world: int) -> Iterator[Contexts]:

@@ -47,6 +47,10 @@ from sae.stream import is_resumable
 # training: at the demo's 2.5M tokens jumprelu 5e-3 -> L0 14, 2e-3 -> L0 39, and relu 0.015 -> L0 10.
 DEFAULT_SPARSITY = {"jumprelu": 2e-3, "relu": 0.015}
 DENSE = 0.1  # a latent firing on more than this fraction of tokens counts as dense
+DIVERGED_FVU = 10.0
+"""An FVU this many times worse than predicting the mean (1.0) is divergence, finite or not: training stops
+when its logged FVU exceeds this multiple of its first (at least 1), and a held-out FVU above it is not a
+finished run. Healthy runs stay well below 1."""
 
 Logger = Callable[[dict, int], None]
 Evaluate = Callable[[Callable[[torch.Tensor], torch.Tensor]], dict]
@@ -323,6 +327,7 @@ class _Divergence:
         # Whether a loss was NaN or infinite since the last check.
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         self.checked = start  # the last step known finite
+        self.first_fvu: float | None = None  # the training FVU of the first log step
 
     def record(self, loss: torch.Tensor) -> None:
         """Notes whether a step's loss (a scalar) is finite, without reading it back."""
@@ -344,6 +349,26 @@ class _Divergence:
                 self.checkpoint_dir if saved is not None else None,
             )
         self.checked = step
+
+    def check_fvu(self, step: int, fvu: float, cfg: TrainConfig, lr: float) -> None:
+        """Raises TrainingDiverged if the training FVU logged at `step` rose `DIVERGED_FVU` times above the
+        first one logged (at least 1): weights that stayed finite but stopped reconstructing anything."""
+        if self.first_fvu is None:
+            self.first_fvu = fvu
+        limit = DIVERGED_FVU * max(1.0, self.first_fvu)
+        if fvu > limit:
+            raise TrainingDiverged(
+                diverged_message(f"the training FVU rose to {fvu:.3g} at step {step}", cfg, lr), None
+            )
+
+
+def diverged_message(what: str, cfg: TrainConfig, lr: float) -> str:
+    """The error of a run diverged to finite nonsense (`what` happened): it names train.lr."""
+    setting = f"train.lr={cfg.lr}" if cfg.lr is not None else f"train.lr=null (the width's default, {lr:.3g})"
+    return (
+        f"training diverged: {what}, more than {DIVERGED_FVU:g} times worse than predicting the mean; lower "
+        f"{setting}"
+    )
 
 
 def _resumed(checkpoint_dir: Path | None, resume: bool, world: int) -> tuple[Path | None, dict | None]:
@@ -705,6 +730,7 @@ def train(
                 now = time.perf_counter()
                 metrics = _train_metrics(x, out, losses, loss, scale, counters, sched, now - clock)
                 log(metrics, step)
+                divergence.check_fvu(step, metrics["train/fvu"], cfg, sched.base_lrs[0])
                 bar.set_postfix(_postfix(metrics))
                 counters.logged(cfg.dead_tokens)
                 clock = now

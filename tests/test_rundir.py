@@ -47,7 +47,9 @@ def test_a_directory_this_tool_did_not_write_is_refused_and_kept(tmp_path, corpu
     (scratch / "thesis.txt").write_text("three years of work")
     job = tiny_job(tmp_path, corpus)
     job.run_dir = str(scratch)
-    with pytest.raises(FileExistsError, match=r"scratch' is a directory this tool did not write \(it holds thesis"):
+    with pytest.raises(
+        FileExistsError, match=r"scratch' is a directory this tool did not write \(it holds thesis"
+    ):
         run_training(job)
     assert (scratch / "thesis.txt").read_text() == "three years of work"
     _leaves_nothing(job)
@@ -293,7 +295,12 @@ def test_an_export_to_a_file_or_an_unwritable_place_fails_cleanly(tmp_path, corp
 def test_hydra_offers_only_the_yaml_options_of_a_group():
     env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
     proc = subprocess.run(
-        [sys.executable, "train.py", "sae=foo"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "train.py", "sae=foo"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert proc.returncode != 0 and "topk" in proc.stderr and "sae_schema" not in proc.stderr
     help_ = subprocess.run(
