@@ -30,7 +30,7 @@ browser:
 	else echo "Chromium is missing and there is no apt-get: install it to run tests/test_browser.py"; fi
 
 demo: setup
-	$(BIN)/python train.py run_dir=$(RUN)
+	$(BIN)/python train.py run_dir=$(RUN) overwrite=true
 
 analyze: setup
 	$(BIN)/python analyze.py run_dir=$(RUN)

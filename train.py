@@ -7,6 +7,7 @@
     python train.py -m sae.k=16,32,64                  # a sweep: one run directory per k
     python train.py wandb.mode=online                  # offline (default), online or disabled
     python train.py resume=true                        # continue an interrupted run from its checkpoint
+    python train.py run_dir=runs/a overwrite=true      # replace the finished run in runs/a
     torchrun --nproc_per_node=4 train.py               # data-parallel over 4 processes (GPUs, or CPU + gloo)
 
 Writes `run_dir` (default runs/<model>-<layer>-<arch>-k<k>-x<expansion>): sae.safetensors, cfg.json,

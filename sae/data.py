@@ -288,3 +288,29 @@ def packed_contexts(cfg: DataConfig, tokenizer, split: str, batch_size: int, row
             f"data.path={cfg.path!r} gave fewer than one batch of {batch_size} contexts x {T} tokens for the "
             f"{split!r} split ({n_rows} rows read, {n_text} of them with text); use more text or a smaller batch/context size"
         )
+
+
+def check_held_out(cfg: DataConfig, tokenizer, batch_size: int) -> None:
+    """Raises, before any long work, if a row's text is not a string (`data.bad_rows=error`; local corpora are
+    read whole for it) or the held-out rows give no batch of contexts for evaluation and analysis."""
+    counts = check_rows(cfg) if is_local(cfg) else None
+    if counts and counts["skipped"]:
+        print(f"data.path={cfg.path!r}: {counts['skipped']} rows whose text is not a string are left out")
+    try:
+        next(packed_contexts(cfg, tokenizer, "test", batch_size))
+    except ValueError as err:
+        if "fewer than one batch" not in str(err):
+            raise
+        n = cfg.holdout_every
+        found = (
+            f"{counts['rows']} rows, of which {counts['held_out']} held out with text"
+            if counts is not None
+            else "too few held-out rows"
+        )
+        raise ValueError(
+            f"data.path={cfg.path!r} has {found} (every data.holdout_every={n}-th row, rows {n - 1}, "
+            f"{2 * n - 1}, ...): evaluation and analysis need at least one batch of model.batch_size="
+            f"{batch_size} contexts of data.context_size={cfg.context_size} tokens of held-out "
+            "text. Lower data.holdout_every or model.batch_size, split the text into more rows (a blank line "
+            "separates the rows of a .txt file), or add text"
+        ) from None

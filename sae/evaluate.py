@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 
 from sae import analyze as an
 from sae import harvest
-from sae.config import DataConfig, ModelConfig
+from sae.config import DataConfig, ModelConfig, TrainJob
 from sae.data import packed_contexts
 from sae.metrics import dead_fraction, firing_counts
 from sae.model import SAE
@@ -161,3 +161,25 @@ def _logits(
         if handle is not None:
             handle.remove()
     return logits[:, :-1][mask[:, 1:]].float()
+
+
+def evaluate_sae(
+    sae: SAE, model, tokenizer, module: str, job: TrainJob
+) -> tuple[dict, an.FeatureStats | None]:
+    """The held-out metrics of a trained SAE (`job.eval`: FVU, L0, dead fraction, and the spliced-in loss on
+    `eval.loss_contexts` contexts) and, with `job.do_analyze`, the analysis pass made beside them."""
+    device = next(sae.parameters()).device
+    stats = an.FeatureStats(sae.d_sae, job.analyze) if job.do_analyze else None
+    tokens = max(job.eval.tokens, job.analyze.tokens if job.do_analyze else 0)
+    metrics = held_out_pass(sae, model, tokenizer, module, job.model, job.data, tokens, stats)
+    if job.eval.loss_contexts:
+        metrics |= loss_recovered(
+            lambda x: sae(x.to(device)).x_hat,
+            model,
+            tokenizer,
+            module,
+            job.model,
+            job.data,
+            job.eval.loss_contexts,
+        )
+    return metrics, stats

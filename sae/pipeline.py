@@ -23,8 +23,8 @@ from sae import analyze as an
 from sae import devices, formats, harvest, rundir, site, stream, tracking
 from sae.cache import ActivationCache, write_cache
 from sae.config import AnalyzeConfig, AnalyzeJob, DataConfig, SAEConfig, TrainConfig, TrainJob, sae_variants
-from sae.data import Contexts, check_rows, is_local, packed_contexts
-from sae.evaluate import held_out_pass, loss_recovered
+from sae.data import Contexts, check_held_out, packed_contexts
+from sae.evaluate import evaluate_sae, held_out_pass, loss_recovered
 from sae.files import write_json
 from sae.model import SAE
 from sae.train import DIVERGED_FVU, Interrupted, TrainingDiverged, default_lr, diverged_message, train
@@ -102,27 +102,6 @@ def _cache_provenance(cfg: TrainJob) -> dict:
     }
 
 
-def _evaluate(
-    s: _Session, sae: SAE, module: str, device: torch.device
-) -> tuple[dict, an.FeatureStats | None]:
-    """The held-out metrics of a trained SAE (and the analysis pass beside them, with `do_analyze`)."""
-    cfg = s.cfg
-    stats = an.FeatureStats(sae.d_sae, cfg.analyze) if cfg.do_analyze else None
-    tokens = max(cfg.eval.tokens, cfg.analyze.tokens if cfg.do_analyze else 0)
-    metrics = held_out_pass(sae, s.model, s.tokenizer, module, cfg.model, cfg.data, tokens, stats)
-    if cfg.eval.loss_contexts:
-        metrics |= loss_recovered(
-            lambda x: sae(x.to(device)).x_hat,
-            s.model,
-            s.tokenizer,
-            module,
-            cfg.model,
-            cfg.data,
-            cfg.eval.loss_contexts,
-        )
-    return metrics, stats
-
-
 def _train_one(
     s: _Session,
     sae_cfg: SAEConfig,
@@ -183,7 +162,7 @@ def _train_one(
         if rank != 0:
             return {}
         trained = {f"{k}_harvest_train": v for k, v in devices.peak_memory().items()}  # before evaluation's
-        metrics, stats = _evaluate(s, sae, module, device)
+        metrics, stats = evaluate_sae(sae, s.model, s.tokenizer, module, cfg)
         if metrics["fvu"] > DIVERGED_FVU:
             what = (
                 f"the held-out FVU is {metrics['fvu']:.3g} with {metrics['dead_fraction']:.0%} dead latents"
@@ -225,34 +204,6 @@ def _first_batch(cfg: TrainJob, tokenizer, rank: int, world: int) -> Iterator[Co
     return itertools.chain([first], contexts)
 
 
-def _check_held_out(cfg: TrainJob, tokenizer) -> None:
-    """Raises, before any long work, if a row's text is not a string (`data.bad_rows=error`; local corpora are
-    read whole for it) or the held-out rows give no batch of contexts for evaluation and analysis."""
-    counts = check_rows(cfg.data) if is_local(cfg.data) else None
-    if counts and counts["skipped"]:
-        print(
-            f"data.path={cfg.data.path!r}: {counts['skipped']} rows whose text is not a string are left out"
-        )
-    try:
-        next(packed_contexts(cfg.data, tokenizer, "test", cfg.model.batch_size))
-    except ValueError as err:
-        if "fewer than one batch" not in str(err):
-            raise
-        n = cfg.data.holdout_every
-        found = (
-            f"{counts['rows']} rows, of which {counts['held_out']} held out with text"
-            if counts is not None
-            else "too few held-out rows"
-        )
-        raise ValueError(
-            f"data.path={cfg.data.path!r} has {found} (every data.holdout_every={n}-th row, rows {n - 1}, "
-            f"{2 * n - 1}, ...): evaluation and analysis need at least one batch of model.batch_size="
-            f"{cfg.model.batch_size} contexts of data.context_size={cfg.data.context_size} tokens of held-out "
-            "text. Lower data.holdout_every or model.batch_size, split the text into more rows (a blank line "
-            "separates the rows of a .txt file), or add text"
-        ) from None
-
-
 def _checked(cfg: TrainJob, variants: list[SAEConfig], modules: list[str], widths: dict, world: int) -> None:
     """Raises on settings that cannot work together, before any harvest."""
     for v, m in zip(variants, modules):
@@ -271,8 +222,8 @@ def _checked(cfg: TrainJob, variants: list[SAEConfig], modules: list[str], width
         )
 
 
-def _cache(s: _Session, modules: list[str], contexts: Iterator[Contexts]) -> ActivationCache:
-    """The activation cache of the job, harvested now unless a complete one of the same settings exists.
+def _cache(s: _Session, directory: str, modules: list[str], contexts: Iterator[Contexts]) -> ActivationCache:
+    """The activation cache of the job in `directory`, harvested now unless a complete one of the same settings exists.
 
     Data-parallel ranks all call this on the whole corpus: the first to take the cache's file lock harvests,
     the others wait on the lock (not a collective, which would time out) and then reuse it, so the cache is
@@ -281,7 +232,7 @@ def _cache(s: _Session, modules: list[str], contexts: Iterator[Contexts]) -> Act
     if s.world > 1:
         contexts = packed_contexts(cfg.data, s.tokenizer, "train", cfg.model.batch_size)
     return write_cache(
-        cfg.train.cache_dir,
+        directory,
         s.model,
         modules,
         contexts,
@@ -358,9 +309,9 @@ def _run_training(cfg: TrainJob, final: Path, start: float, rank: int, world: in
     widths = harvest.module_widths(model, harvested)
     _checked(cfg, variants, modules, widths, world)
     contexts = _first_batch(cfg, tokenizer, rank, world)
-    _check_held_out(cfg, tokenizer)
+    check_held_out(cfg.data, tokenizer, cfg.model.batch_size)
     # Before the run directory: a cache of other settings fails here.
-    cache = _cache(s, harvested, contexts) if cfg.train.cache_dir else None
+    cache = _cache(s, cfg.train.cache_dir, harvested, contexts) if cfg.train.cache_dir else None
 
     if rank == 0:
         rundir.prepare_tmp(cfg, tmp)

@@ -85,6 +85,10 @@ def settings_diff(before: dict, now: dict) -> str:
     return ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
 
 
+class SettingsChanged(ValueError):
+    """resume=true with other training settings than the checkpoint's: refused, the checkpoint kept as it is."""
+
+
 def resumed_state(checkpoint: Path, settings: dict) -> dict:
     """The state.json of the checkpoint a resumed SAE continues from ({} when there is none), checked to have
     been written with the training `settings` of this job."""
@@ -94,7 +98,7 @@ def resumed_state(checkpoint: Path, settings: dict) -> dict:
     saved = read_json(found / "state.json", "checkpoint state")
     diff = settings_diff(saved["settings"], settings) if "settings" in saved else ""
     if diff:
-        raise ValueError(
+        raise SettingsChanged(
             f"resume=true continues the run in {found} with the settings it started with, but {diff}; "
             "restore them, or delete the unfinished run to start over with the new ones"
         )
@@ -217,7 +221,7 @@ def cleaned_up_on_failure(tmp: Path, final: Path, rank: int = 0) -> Iterator[Non
         waiting = interrupted_checkpoint(tmp) if rank == 0 else None
         if rank == 0 and waiting is None:
             shutil.rmtree(tmp, ignore_errors=True)
-        elif waiting is not None and not isinstance(e, Interrupted):
+        elif waiting is not None and not isinstance(e, Interrupted | SettingsChanged):
             _record_failure(tmp, waiting, e)
         raise
 
@@ -272,8 +276,8 @@ def _ours_tmp(tmp: Path) -> bool:
 
 
 def run_path(run_dir: str) -> Path:
-    """`run_dir` as a path, checked to name a directory of its own (not `.`, `..` or `/`) under directories
-    (not files)."""
+    """`run_dir` as a path, checked to name a directory of its own (not `.`, `..` or `/`), under directories
+    (not files), where we may write."""
     final = Path(run_dir).expanduser()
     if final.name in ("", ".", ".."):
         raise ValueError(
@@ -283,6 +287,13 @@ def run_path(run_dir: str) -> Path:
     for parent in final.parents:
         if parent.exists() and not parent.is_dir():
             raise NotADirectoryError(f"run_dir={run_dir!r} cannot be created: {str(parent)!r} is a file")
+    # `<run_dir>.tmp` and `<run_dir>.lock` are made beside it: its parent (or the nearest that exists) is written.
+    existing = next(p for p in [final.parent, *final.parent.parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"run_dir={run_dir!r} cannot be created: {str(existing)!r} is not writable (read-only file system "
+            "or permissions); give a run_dir on a writable file system"
+        )
     return final
 
 
@@ -320,14 +331,6 @@ def check_run_dir(cfg: TrainJob) -> None:
         raise FileExistsError(
             f"{str(tmp)!r} exists and was not made by this tool; it is where run_dir={given!r} is assembled: "
             "move it away or choose another run_dir"
-        )
-    parent = final.parent.resolve()
-    while not parent.exists():
-        parent = parent.parent
-    if not final.exists() and not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"run_dir={given!r} cannot be created: {str(parent)!r} is not writable (read-only file system or "
-            "permissions); give a run_dir on a writable file system"
         )
 
 

@@ -730,7 +730,7 @@ def train(
                 now = time.perf_counter()
                 metrics = _train_metrics(x, out, losses, loss, scale, counters, sched, now - clock)
                 log(metrics, step)
-                divergence.check_fvu(step, metrics["train/fvu"], cfg, sched.base_lrs[0])
+                divergence.check_fvu(step, metrics["train/fvu"], cfg, float(sched.base_lrs[0]))
                 bar.set_postfix(_postfix(metrics))
                 counters.logged(cfg.dead_tokens)
                 clock = now

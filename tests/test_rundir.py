@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import tiny_job
 
-from sae import pipeline, rundir
+from sae import evaluate, pipeline, rundir
 from sae.config import DataConfig, ModelConfig
 from sae.formats import main as formats_main
 from sae.harvest import load_model
@@ -158,12 +158,12 @@ def test_a_context_of_two_tokens_is_refused_by_the_config():
 def test_a_late_failure_on_bad_input_does_not_block_a_rerun_and_resume_says_why_it_cannot_help(
     tmp_path, corpus, monkeypatch, capsys
 ):
-    real = pipeline.held_out_pass
+    real = evaluate.held_out_pass
 
     def bad_row(*args, **kwargs):  # bad input met only after training (a hub corpus, read as it streams)
         raise TypeError("data.text_column='text' holds NoneType values (row 1234: None), not text")
 
-    monkeypatch.setattr(pipeline, "held_out_pass", bad_row)
+    monkeypatch.setattr(evaluate, "held_out_pass", bad_row)
     job = tiny_job(tmp_path, corpus, train={"checkpoint_every": 2})
     with pytest.raises(TypeError):
         run_training(job)
@@ -173,7 +173,7 @@ def test_a_late_failure_on_bad_input_does_not_block_a_rerun_and_resume_says_why_
     job.resume = True
     with pytest.raises(ValueError, match="resume=true cannot help: .*row 1234"):
         run_training(job)
-    monkeypatch.setattr(pipeline, "held_out_pass", real)
+    monkeypatch.setattr(evaluate, "held_out_pass", real)
     job.resume = False
     run_training(job)  # a plain rerun starts over
     assert "starting over" in capsys.readouterr().err
@@ -317,3 +317,16 @@ def test_sigkill_of_a_lock_holder_frees_the_run_directory(tmp_path):
     holder.wait()
     with rundir.locked(final):
         assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()
+
+
+def test_a_run_dir_on_a_read_only_file_system_fails_before_any_work(tmp_path, corpus, monkeypatch):
+    _no_training(monkeypatch)
+    job = tiny_job(tmp_path, corpus)
+    job.run_dir = str(tmp_path / "ro" / "run")
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr(rundir.os, "access", lambda path, mode: False)  # as access(2) answers on a ro mount
+    with pytest.raises(
+        PermissionError, match=r"cannot be created: .*ro' is not writable \(read-only file system"
+    ):
+        run_training(job)
+    assert list((tmp_path / "ro").iterdir()) == []
