@@ -4,8 +4,9 @@ For every latent, from the sparse code of each batch (B x K active latents, neve
 
 - how often it fires (density), its max and mean activation;
 - its `top_k` strongest examples, each with provenance (dataset row, position) and a context window of token
-  ids with the latent's activation on each of them: each batch's per-feature top-k is merged into the
-  running top-k and the rest is dropped;
+  ids with the latent's activation on each of them, at most `per_context` from one packed context (so the
+  neighbouring positions of one sentence do not fill them): each batch's per-feature top-k is merged into
+  the running top-k and the rest is dropped;
 - examples across its activation range (Anthropic's "Towards Monosemanticity" interval samples, as in
   SAEDashboard): `intervals` equal-width bands of (0, max act] and up to `per_interval` examples per band, a
   uniform random sample of the band's tokens, with the same provenance and windows as the top examples;
@@ -34,6 +35,11 @@ The bands' token counts come from the fine histogram (the bands are not known wh
 they are approximate at the fine-bin resolution (about 3.7% of the activation): the fine bin that straddles a
 band edge is split in proportion to its overlap. A band's count is raised to the number of samples it holds
 where that approximation falls below it.
+
+The first `skip_positions` text positions after each context's BOS count nowhere (not in the density, the
+histogram, the examples or the bands): with no context to read yet, the model's state there is a position
+artefact, and features that fire on it would head the dashboard. Their tokens still show, with their acts, in
+the windows of later examples.
 
 Memory is O(F x (top_k + intervals x per_interval) x window + F x HIST_BINS), whatever the number of tokens.
 """
@@ -201,8 +207,10 @@ class FeatureStats:
         B = len(nt)
         if acts.shape[0] != B:
             raise ValueError(f"the code holds {acts.shape[0]} tokens but `used` marks {B} positions")
-        self.tokens += int(batch.mask.sum())
-        live = acts > 0
+        # Positions 1..skip_positions after the BOS each packed context starts with count nowhere.
+        first = self.cfg.skip_positions + 1 if self.cfg.skip_positions else 0
+        self.tokens += int(batch.mask[:, first:].sum())
+        live = (acts > 0) & (nt[:, 1] >= first)[:, None]
         b = torch.arange(B)[:, None].expand_as(idx)[live]  # [L] token of each live triple
         f, a = idx[live], acts[live]  # [L]
         self.count.index_add_(0, f, torch.ones_like(a))
@@ -223,6 +231,15 @@ class FeatureStats:
         tb, tf, ta = b[above], f[above], a[above]
         ta, order = ta.sort(descending=True)
         tb, tf = tb[order], tf[order]
+        if self.cfg.per_context:
+            # At most `per_context` per (latent, context), its strongest: a context is in one batch only, so
+            # this holds for the whole pass.
+            group = tf * used.shape[0] + nt[tb, 0]
+            group, order = group.sort(stable=True)
+            _, first, _, _ = _first_per_group(group, self.cfg.per_context)
+            tb, tf, ta = tb[order][first], tf[order][first], ta[order][first]
+            ta, order = ta.sort(descending=True, stable=True)
+            tb, tf = tb[order], tf[order]
         tf, order = tf.sort(stable=True)
         tb, ta = tb[order], ta[order]
         feats, slot, u, rank = _first_per_group(tf, k)

@@ -216,6 +216,12 @@ class AnalyzeConfig:
     """Held-out tokens to scan."""
     top_k: int = 10
     """Top-activating examples kept per feature."""
+    per_context: int = 1
+    """Top examples a feature may take from one context (0: no limit): neighbouring positions of one sentence
+    would otherwise fill a feature's top examples with the same text."""
+    skip_positions: int = 2
+    """Text positions right after each context's BOS left out of the feature statistics and examples: where
+    the model has no context yet, features fire on what is only a position artefact (`bench/positions.py`)."""
     window_before: int = 12
     """Context tokens shown before the activating token."""
     window_after: int = 4
@@ -238,6 +244,8 @@ class AnalyzeConfig:
         _check(self.intervals > 0, f"analyze.intervals={self.intervals} must be > 0")
         _check(self.per_interval > 0, f"analyze.per_interval={self.per_interval} must be > 0")
         _check(self.nearest > 0, f"analyze.nearest={self.nearest} must be > 0")
+        _check(self.per_context >= 0, f"analyze.per_context={self.per_context} must be >= 0 (0: no limit)")
+        _check(self.skip_positions >= 0, f"analyze.skip_positions={self.skip_positions} must be >= 0")
 
 
 @dataclass

@@ -23,9 +23,11 @@ from sae.data import Contexts, packed_contexts
 from sae.harvest import tiny_model
 from sae.model import SAE, Code, sparse
 
+RAW = {"per_context": 0, "skip_positions": 0}
+"""Every position and every example counts: what the brute-force references compute."""
 N, T, F = 3, 10, 4
 BEFORE, AFTER = 3, 2
-CFG = AnalyzeConfig(top_k=3, window_before=BEFORE, window_after=AFTER)
+CFG = AnalyzeConfig(**RAW, top_k=3, window_before=BEFORE, window_after=AFTER)
 # feature -> (batch, n, t, value): one at the left edge, one at the right edge, one in the middle.
 PLANTED = {0: (1, 0, 1, 50.0), 1: (2, 1, T - 1, 40.0), 2: (0, 1, 5, 30.0)}
 
@@ -168,7 +170,7 @@ def test_density_mean_and_max(stream, stats):
 
 
 def test_fewer_tokens_than_top_k_and_dead_features():
-    cfg = AnalyzeConfig(top_k=5, window_before=1, window_after=1)
+    cfg = AnalyzeConfig(**RAW, top_k=5, window_before=1, window_after=1)
     stats = FeatureStats(2, cfg)
     ids = torch.tensor([[0, 7]])
     batch = Contexts(ids=ids, row=torch.tensor([[-1, 4]]), pos=torch.tensor([[-1, 0]]), mask=ids > 1)
@@ -283,7 +285,7 @@ def check_bands_against_reference(stats: FeatureStats, stream, f_: int) -> None:
 def test_sparse_update_equals_dense_reference_batch_by_batch():
     g = torch.Generator().manual_seed(1)
     f_, k_, top_k = 12, 5, 4
-    stats = FeatureStats(f_, AnalyzeConfig(top_k=top_k, window_before=BEFORE, window_after=AFTER))
+    stats = FeatureStats(f_, AnalyzeConfig(**RAW, top_k=top_k, window_before=BEFORE, window_after=AFTER))
     stream, edges = [], 0
     for b in range(6):
         batch = make_batch(b, g)
@@ -303,6 +305,40 @@ def test_sparse_update_equals_dense_reference_batch_by_batch():
     torch.testing.assert_close(s["density"], count / stats.tokens)
     torch.testing.assert_close(s["max_act"], dense.amax(dim=(0, 1, 2)))
     torch.testing.assert_close(s["mean_act"], dense.sum(dim=(0, 1, 2)) / count)
+
+
+def test_top_examples_take_one_per_context_and_skip_the_first_positions():
+    """`per_context=1`: a feature's top examples are the strongest of distinct contexts; `skip_positions=s`:
+    positions 1..s after BOS count nowhere (density, max, examples), as the dense reference without them."""
+    g = torch.Generator().manual_seed(3)
+    f_, k_, top_k, skip = 12, 5, 4, 2
+    cfg = {"top_k": top_k, "window_before": BEFORE, "window_after": AFTER, "skip_positions": skip}
+    stats = FeatureStats(f_, AnalyzeConfig(**cfg, per_context=1))
+    every = FeatureStats(f_, AnalyzeConfig(**cfg, per_context=0))
+    stream = []
+    for b in range(6):
+        batch = make_batch(b, g)
+        code, z = random_code(batch.mask, b, g, f_, k_)
+        stats.update(code, batch.mask, batch)
+        every.update(code, batch.mask, batch)
+        stream.append((z, batch))
+    s = stats.tensors()
+    seen = torch.stack([z for z, _ in stream])[:, :, skip + 1 :]  # [batches, N, T - 1 - skip, F]
+    assert stats.tokens == sum(int(batch.mask[:, skip + 1 :].sum()) for _, batch in stream)
+    count = (seen > 0).sum(dim=(0, 1, 2)).float()
+    torch.testing.assert_close(s["density"], count / stats.tokens)
+    torch.testing.assert_close(s["max_act"], seen.amax(dim=(0, 1, 2)))
+    strongest = seen.amax(dim=2).reshape(-1, f_)  # [contexts, F]: each context's strongest act
+    for f in range(f_):
+        expected = strongest[:, f].sort(descending=True).values[:top_k]
+        expected = expected[expected > 0]
+        n = len(expected)
+        assert s["top_act"][f, :n].tolist() == expected.tolist()
+        rows = s["top_row"][f, :n].tolist()  # make_batch gives each context its own row
+        assert len(set(rows)) == n
+        assert (s["top_pos"][f, :n] % 1000 > skip).all()  # pos = 1000 b + t
+    repeated = [f for f in range(f_) if len(set(every.tensors()["top_row"][f].tolist())) < top_k]
+    assert repeated  # without the limit, contexts repeat: the limit was put to work
 
 
 def test_update_with_no_live_latents_and_a_code_that_does_not_fit_used():
@@ -330,7 +366,7 @@ def text_stats(tokenizer):
     z = torch.zeros(1, T_, 2)
     c = text.index("cat") + 1  # +1 for the BOS
     z[0, c, 0], z[0, c + 1, 0], z[0, 1, 0] = 3.0, 0.5, 1.0
-    stats = FeatureStats(2, AnalyzeConfig(top_k=3, window_before=3, window_after=2))
+    stats = FeatureStats(2, AnalyzeConfig(**RAW, top_k=3, window_before=3, window_after=2))
     update(stats, z, Contexts(ids=ids, row=row, pos=pos, mask=mask))
     return stats, c
 
@@ -365,7 +401,7 @@ def test_save_analysis_writes_examples_centered_on_the_activating_token(tmp_path
 def test_save_analysis_with_logit_lens(tmp_path, tiny):
     model, tokenizer = tiny
     sae = SAE(64, 128, 4)
-    stats = FeatureStats(128, AnalyzeConfig(top_k=2))
+    stats = FeatureStats(128, AnalyzeConfig(**RAW, top_k=2))
     lens = logit_lens(sae, model, k=5)
     save_analysis(stats, tmp_path, tokenizer, {}, lens)
     data = json.loads((tmp_path / "analysis" / "features.json").read_text())
@@ -403,7 +439,7 @@ def test_stats_on_the_tiny_model_point_back_into_the_text(tiny, sentences):
     model, tokenizer = tiny
     rows = [{"text": s} for s in sentences]
     sae = SAE(64, 32, 4)
-    stats = FeatureStats(32, AnalyzeConfig(top_k=4, window_before=4, window_after=2))
+    stats = FeatureStats(32, AnalyzeConfig(**RAW, top_k=4, window_before=4, window_after=2))
     contexts = packed_contexts(DataConfig(context_size=24), tokenizer, "test", 2, rows=rows)
     for x, batch, used in harvest.activations(model, "model.layers.2", contexts):
         stats.update(sae.encode(x), used, batch)
@@ -426,7 +462,7 @@ def test_band_samples_are_uniform(first_max):
     ones), every band holds min(n, its tokens) samples and picks each of its tokens about equally often: a
     chi-square over the tokens of each band, with a fixed seed."""
     F_, nb, n = 300, 4, 3
-    cfg = AnalyzeConfig(top_k=1, window_before=1, window_after=1, intervals=nb, per_interval=n)
+    cfg = AnalyzeConfig(**RAW, top_k=1, window_before=1, window_after=1, intervals=nb, per_interval=n)
     stats, g = FeatureStats(F_, cfg), torch.Generator().manual_seed(3)
     tokens = {}  # (row, pos) -> act
     for b in range(8):
@@ -465,7 +501,10 @@ def test_band_samples_of_a_feature_whose_max_keeps_growing():
     """A max that grows in every batch (the random-code stream's even latents): samples re-binned into the
     final bands still point at the right tokens, with the right windows, inside their bands."""
     g = torch.Generator().manual_seed(4)
-    f_, cfg = 6, AnalyzeConfig(top_k=2, window_before=BEFORE, window_after=AFTER, intervals=5, per_interval=2)
+    f_, cfg = (
+        6,
+        AnalyzeConfig(**RAW, top_k=2, window_before=BEFORE, window_after=AFTER, intervals=5, per_interval=2),
+    )
     stats, stream = FeatureStats(f_, cfg), []
     for b in range(8):
         batch = make_batch(b, g)
@@ -478,7 +517,7 @@ def test_band_samples_of_a_feature_whose_max_keeps_growing():
 
 def test_state_does_not_grow_with_the_stream():
     g = torch.Generator().manual_seed(5)
-    cfg = AnalyzeConfig(top_k=3, window_before=2, window_after=1, intervals=4, per_interval=2)
+    cfg = AnalyzeConfig(**RAW, top_k=3, window_before=2, window_after=1, intervals=4, per_interval=2)
     stats = FeatureStats(12, cfg)
 
     def shapes() -> dict:
@@ -496,7 +535,7 @@ def test_state_does_not_grow_with_the_stream():
 
 
 def test_histogram_edges_and_out_of_range_acts():
-    stats = FeatureStats(1, AnalyzeConfig(top_k=1, window_before=0, window_after=0))
+    stats = FeatureStats(1, AnalyzeConfig(**RAW, top_k=1, window_before=0, window_after=0))
     edges = stats.hist_edges
     assert len(edges) == HIST_BINS + 1 and edges[0] == 0 and edges[-1] == 1e4
     torch.testing.assert_close(edges[2:] / edges[1:-1], torch.full((HIST_BINS - 1,), 10 ** (1 / 64)))
@@ -563,7 +602,8 @@ def test_save_analysis_schema(tmp_path, tokenizer):
     g = torch.Generator().manual_seed(7)
     f_ = 12
     stats = FeatureStats(
-        f_, AnalyzeConfig(top_k=3, window_before=BEFORE, window_after=AFTER, intervals=5, per_interval=2)
+        f_,
+        AnalyzeConfig(**RAW, top_k=3, window_before=BEFORE, window_after=AFTER, intervals=5, per_interval=2),
     )
     for b in range(6):
         batch = make_batch(b, g)
