@@ -236,8 +236,8 @@ class FeatureStats:
             # this holds for the whole pass.
             group = tf * used.shape[0] + nt[tb, 0]
             group, order = group.sort(stable=True)
-            _, first, _, _ = _first_per_group(group, self.cfg.per_context)
-            tb, tf, ta = tb[order][first], tf[order][first], ta[order][first]
+            _, pick, _, _ = _first_per_group(group, self.cfg.per_context)
+            tb, tf, ta = tb[order][pick], tf[order][pick], ta[order][pick]
             ta, order = ta.sort(descending=True, stable=True)
             tb, tf = tb[order], tf[order]
         tf, order = tf.sort(stable=True)
