@@ -22,12 +22,12 @@ import torch.distributed as dist
 from sae import analyze as an
 from sae import devices, formats, harvest, rundir, site, stream, tracking
 from sae.cache import ActivationCache, write_cache
-from sae.config import AnalyzeConfig, AnalyzeJob, DataConfig, SAEConfig, TrainConfig, TrainJob, sae_variants
+from sae.config import AnalyzeConfig, AnalyzeJob, DataConfig, SAEConfig, TrainJob, sae_variants
 from sae.data import Contexts, check_held_out, packed_contexts
 from sae.evaluate import evaluate_sae, held_out_pass, loss_recovered
 from sae.files import write_json
 from sae.model import SAE
-from sae.train import DIVERGED_FVU, Interrupted, TrainingDiverged, default_lr, diverged_message, train
+from sae.train import DIVERGED_FVU, Interrupted, TrainingDiverged, diverged_message, train
 
 
 @dataclasses.dataclass
@@ -167,7 +167,7 @@ def _train_one(
             what = (
                 f"the held-out FVU is {metrics['fvu']:.3g} with {metrics['dead_fraction']:.0%} dead latents"
             )
-            raise TrainingDiverged(diverged_message(what, cfg.train, _lr(sae, cfg.train)), None)
+            raise TrainingDiverged(diverged_message(what, cfg.train, sae.d_sae), None)
         metrics |= trained | devices.peak_memory()
         metrics["wall_seconds"] = round(time.time() - s.start, 1)
         run.summary.update({f"eval/{k}": v for k, v in metrics.items()})
@@ -184,11 +184,6 @@ def _train_one(
     finally:
         run.finish(exit_code=exit_code)
     return metrics
-
-
-def _lr(sae: SAE, cfg: TrainConfig) -> float:
-    """The learning rate an SAE was trained with."""
-    return cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
 
 
 def _first_batch(cfg: TrainJob, tokenizer, rank: int, world: int) -> Iterator[Contexts]:
@@ -297,7 +292,7 @@ def _run_training(cfg: TrainJob, final: Path, start: float, rank: int, world: in
         print(f"run_dir={cfg.run_dir!r} is finished with these settings: nothing to resume")
         return json.loads((final / "metrics.json").read_text())
     if rank == 0:
-        rundir.check_run_dir(cfg)
+        rundir.check_run_dir(cfg, final)
     model, tokenizer = harvest.load_model(cfg.model)
     s = _Session(cfg, model, tokenizer, threading.Lock(), start, rank, world)
     default = harvest.resolve_module(model, cfg.model)

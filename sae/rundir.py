@@ -297,12 +297,12 @@ def run_path(run_dir: str) -> Path:
     return final
 
 
-def check_run_dir(cfg: TrainJob) -> None:
-    """Refuses, before any work, a `run_dir` this job may not write: one naming no directory of its own
-    (`.`, `/`), a file, a directory this tool did not write, a finished run without `overwrite=true` (or
-    holding files of someone else's), or a place where the directory cannot be created."""
+def check_run_dir(cfg: TrainJob, final: Path) -> None:
+    """Refuses, before any work, a run directory `final` (`run_path(cfg.run_dir)`, which already named a
+    directory of its own in a writable place) that this job may not write: a file, a directory this tool did
+    not write, a finished run without `overwrite=true` (or holding files of someone else's), or a `.tmp` beside
+    it that is not ours."""
     given = cfg.run_dir
-    final = run_path(given)
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(
             f"run_dir={given!r} is an existing file, not a directory; give a directory path for the run"

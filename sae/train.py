@@ -91,6 +91,11 @@ def keep_freed_memory() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 512 << 20)  # ...which keeps up to 512 MiB free for reuse
 
 
+def learning_rate(cfg: TrainConfig, d_sae: int) -> float:
+    """The learning rate a run of `d_sae` latents trains at: `train.lr`, else `default_lr(d_sae)`."""
+    return cfg.lr if cfg.lr is not None else default_lr(d_sae)
+
+
 def default_lr(d_sae: int) -> float:
     """1e-3 at 2**14 latents, scaled as 1/sqrt(d_sae) as in Gao et al. 2024 (sec. 2.1).
 
@@ -350,7 +355,7 @@ class _Divergence:
             )
         self.checked = step
 
-    def check_fvu(self, step: int, fvu: float, cfg: TrainConfig, lr: float) -> None:
+    def check_fvu(self, step: int, fvu: float, cfg: TrainConfig, d_sae: int) -> None:
         """Raises TrainingDiverged if the training FVU logged at `step` rose `DIVERGED_FVU` times above the
         first one logged (at least 1): weights that stayed finite but stopped reconstructing anything."""
         if self.first_fvu is None:
@@ -358,12 +363,13 @@ class _Divergence:
         limit = DIVERGED_FVU * max(1.0, self.first_fvu)
         if fvu > limit:
             raise TrainingDiverged(
-                diverged_message(f"the training FVU rose to {fvu:.3g} at step {step}", cfg, lr), None
+                diverged_message(f"the training FVU rose to {fvu:.3g} at step {step}", cfg, d_sae), None
             )
 
 
-def diverged_message(what: str, cfg: TrainConfig, lr: float) -> str:
-    """The error of a run diverged to finite nonsense (`what` happened): it names train.lr."""
+def diverged_message(what: str, cfg: TrainConfig, d_sae: int) -> str:
+    """The error of a run of `d_sae` latents diverged to finite nonsense (`what` happened): it names train.lr."""
+    lr = learning_rate(cfg, d_sae)
     setting = f"train.lr={cfg.lr}" if cfg.lr is not None else f"train.lr=null (the width's default, {lr:.3g})"
     return (
         f"training diverged: {what}, more than {DIVERGED_FVU:g} times worse than predicting the mean; lower "
@@ -452,7 +458,7 @@ def _optimizer(
     sae: SAE, sae_cfg: SAEConfig, cfg: TrainConfig, steps: int
 ) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.LambdaLR]:
     """Adam (the JumpReLU threshold at its own rate) and its learning-rate schedule over `steps`."""
-    lr = cfg.lr if cfg.lr is not None else default_lr(sae.d_sae)
+    lr = learning_rate(cfg, sae.d_sae)
     groups = [{"params": [p for n, p in sae.named_parameters() if n != "threshold"], "lr": lr}]
     if sae.arch == "jumprelu":
         groups.append({"params": [sae.threshold], "lr": lr * sae_cfg.threshold_lr_scale})
@@ -730,7 +736,7 @@ def train(
                 now = time.perf_counter()
                 metrics = _train_metrics(x, out, losses, loss, scale, counters, sched, now - clock)
                 log(metrics, step)
-                divergence.check_fvu(step, metrics["train/fvu"], cfg, float(sched.base_lrs[0]))
+                divergence.check_fvu(step, metrics["train/fvu"], cfg, sae.d_sae)
                 bar.set_postfix(_postfix(metrics))
                 counters.logged(cfg.dead_tokens)
                 clock = now
