@@ -16,8 +16,9 @@ For every latent, from the sparse code of each batch (B x K active latents, neve
   from the weights alone.
 
 Band samples (reservoir sampling by random keys, Efraimidis & Spirakis 2006 with equal weights): every live
-(token, latent) triple draws a key uniform in [0, 1), and each band keeps the `per_interval` largest keys of
-the tokens that fell in it. That is an exact uniform sample without replacement, and it costs one top-n merge
+(token, latent) triple has a key uniform in [0, 1), a hash of (seed, dataset row, position, latent) rather
+than a draw from a generator, so a token's key is the same whichever process, batch order or resumed pass
+meets it; each band keeps the `per_interval` largest keys of the tokens that fell in it. That is an exact uniform sample without replacement, and it costs one top-n merge
 per batch like the top-k, whose candidates thin out as the bands fill (a token enters only if its key beats
 the band's n-th), so windows are built for few tokens once the pass is under way.
 
@@ -40,6 +41,14 @@ The first `skip_positions` text positions after each context's BOS count nowhere
 histogram, the examples or the bands): with no context to read yet, the model's state there is a position
 artefact, and features that fire on it would head the dashboard. Their tokens still show, with their acts, in
 the windows of later examples.
+
+Statistics of disjoint token sets merge (`FeatureStats.merge`: the shares of data-parallel ranks) into what one
+pass over their union computes: counts, histograms, max and top-k exactly (the sum of activations is float64,
+equal up to the order of the additions); the band samples only approximately, for the reason the bands are
+approximate in one pass: each share's samples were drawn in the bands of its own max, and where the union's
+max is larger, they are re-binned as above. Every merged sample lies in its band of the final max, and a
+band's samples are the largest keys among the shares' samples that fall in it. `state` / `from_state` save
+and restore a pass, so it can resume.
 
 Memory is O(F x (top_k + intervals x per_interval) x window + F x HIST_BINS), whatever the number of tokens.
 """
@@ -105,6 +114,27 @@ def rebin_histogram(
     return cdf.round().long().diff(dim=1)
 
 
+_M31 = (1 << 31) - 1
+
+
+def _mix(h: torch.Tensor) -> torch.Tensor:
+    """A 31-bit integer hash (two rounds of xor-shift-multiply, in int64 without overflow) of h [...] in [0, 2^31)."""
+    for _ in range(2):
+        h = ((h ^ (h >> 16)) * 0x45D9F3B) & _M31
+    return h ^ (h >> 16)
+
+
+def keys(seed: int, row: torch.Tensor, pos: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """The band-sampling key of each (dataset row, position, latent) [L]: float64 uniform in [0, 1), 62 bits of
+    two independent hashes, so distinct triples tie with negligible probability."""
+    parts = []
+    for salt in (seed * 2 + 1, seed * 2 + 2):
+        h = _mix((row + salt) & _M31)
+        h = _mix(h ^ (pos & _M31))
+        parts.append(_mix(h ^ (f & _M31)).double())
+    return (parts[0] * 2.0**31 + parts[1]) / 2.0**62
+
+
 def _first_per_group(group: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
     """For items sorted by `group` [L] (best first within a group): the groups [U], and for the first n items of
     each group a mask [L] selecting them, their group's place in the groups [C] and their rank in it [C]."""
@@ -159,8 +189,8 @@ class FeatureStats:
         k, W = cfg.top_k, cfg.window_before + 1 + cfg.window_after
         nb, n = cfg.intervals, cfg.per_interval
         self.tokens = 0
-        self.count = torch.zeros(d_sae)  # [F] tokens fired on
-        self.act_sum = torch.zeros(d_sae)  # [F]
+        self.count = torch.zeros(d_sae, dtype=torch.long)  # [F] tokens fired on
+        self.act_sum = torch.zeros(d_sae, dtype=torch.float64)  # [F]
         self.max_act = torch.zeros(d_sae)  # [F]
         self.top_act = torch.zeros(d_sae, k)  # [F, k] in no particular order (`tensors` sorts); 0: empty
         self.top_row = torch.full((d_sae, k), -1, dtype=torch.long)  # [F, k]
@@ -176,7 +206,6 @@ class FeatureStats:
         self.interval_window_acts = torch.zeros(d_sae, nb, n, W)  # [F, I, n, W]
         self.hist_edges = hist_edges()  # [H + 1]
         self.hist_counts = torch.zeros(d_sae, HIST_BINS, dtype=torch.int32)  # [F, H]
-        self.generator = torch.Generator().manual_seed(cfg.seed)
 
     def _bands(self) -> list[torch.Tensor]:
         """The band samples' tensors in `_BAND_EMPTY` order, each [F, I, n, ...]."""
@@ -213,8 +242,8 @@ class FeatureStats:
         live = (acts > 0) & (nt[:, 1] >= first)[:, None]
         b = torch.arange(B)[:, None].expand_as(idx)[live]  # [L] token of each live triple
         f, a = idx[live], acts[live]  # [L]
-        self.count.index_add_(0, f, torch.ones_like(a))
-        self.act_sum.index_add_(0, f, a)
+        self.count.index_add_(0, f, torch.ones_like(f))
+        self.act_sum.index_add_(0, f, a.double())
         fine = torch.bucketize(a, self.hist_edges, right=True).clamp_(1, HIST_BINS) - 1  # [L]
         self.hist_counts.view(-1).index_add_(
             0, f * HIST_BINS + fine, torch.ones_like(fine, dtype=torch.int32)
@@ -248,7 +277,8 @@ class FeatureStats:
 
         # Band candidates: triples whose key beats their band's n-th key (-1 while the band has room), grouped
         # by (latent, band), largest key first, at most n per band.
-        key = torch.rand(len(a), generator=self.generator, dtype=torch.float64)  # [L]
+        kn, kt = nt[b].T
+        key = keys(self.cfg.seed, batch.row[kn, kt], batch.pos[kn, kt], f)  # [L]
         cell = f * nb + band(a, max_act[f], nb)  # [L] (latent, band)
         over = key > self.interval_key.view(F * nb, n).min(dim=1).values[cell]
         bb, bcell, ba, bkey = b[over], cell[over], a[over], key[over]
@@ -317,19 +347,87 @@ class FeatureStats:
         """Moves the band samples of latents g [G], whose max has grown, into the bands of the new max: by
         their stored act, each new band keeping the n largest keys of what lands in it (see the module
         docstring for when that is exact)."""
+        binned = self._binned([t[g].flatten(1, 2) for t in self._bands()], self.max_act[g])
+        for t, new in zip(self._bands(), binned):
+            t[g] = new
+
+    def _binned(self, samples: list[torch.Tensor], max_act: torch.Tensor) -> list[torch.Tensor]:
+        """Band samples [G, S, ...] (`_BAND_EMPTY` order; an empty one has act 0) sorted into the bands of
+        max_act [G]: each band keeps the n largest keys of the samples its act puts in it; [G, I, n, ...]."""
         nb, n = self.cfg.intervals, self.cfg.per_interval
-        old = [t[g].flatten(1, 2) for t in self._bands()]  # [G, I * n, ...]
-        key, act = old[0], old[1]
-        new_band = torch.where(act > 0, band(act, self.max_act[g, None], nb), nb)  # [G, I * n]; nb: empty
+        key, act = samples[0], samples[1]
+        G, S = act.shape
+        new_band = torch.where(act > 0, band(act, max_act[:, None], nb), nb)  # [G, S]; nb: empty
         order = (new_band - key).argsort(dim=1)  # by band, then key descending
         new_band = new_band.gather(1, order)
-        rank = torch.arange(nb * n) - torch.searchsorted(new_band, new_band)  # rank within the band
+        rank = torch.arange(S) - torch.searchsorted(new_band, new_band)  # rank within the band
         gi, j = ((new_band < nb) & (rank < n)).nonzero(as_tuple=True)
         dest, src = new_band[gi, j] * n + rank[gi, j], order[gi, j]
-        for t, t_old, e in zip(self._bands(), old, _BAND_EMPTY):
-            t_new = torch.full_like(t_old, e)
+        out = []
+        for t_old, e in zip(samples, _BAND_EMPTY):
+            t_new = torch.full((G, nb * n, *t_old.shape[2:]), e, dtype=t_old.dtype)
             t_new[gi, dest] = t_old[gi, src]
-            t[g] = t_new.view(len(g), nb, n, *t.shape[3:])
+            out.append(t_new.view(G, nb, n, *t_old.shape[2:]))
+        return out
+
+    _STATE = (
+        "count",
+        "act_sum",
+        "max_act",
+        "top_act",
+        "top_row",
+        "top_pos",
+        "window_ids",
+        "window_acts",
+        "interval_key",
+        "interval_act",
+        "interval_row",
+        "interval_pos",
+        "interval_window_ids",
+        "interval_window_acts",
+        "hist_counts",
+    )
+    """The tensors that make up a pass's state, besides the token count."""
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Everything the pass has accumulated, as named tensors: `from_state` continues from it exactly."""
+        return {name: getattr(self, name) for name in self._STATE} | {"tokens": torch.tensor(self.tokens)}
+
+    @classmethod
+    def from_state(cls, cfg: AnalyzeConfig, state: dict[str, torch.Tensor]) -> "FeatureStats":
+        """The pass `state` (from `state`, with the same `cfg`) was saved from."""
+        stats = cls(len(state["count"]), cfg)
+        for name in cls._STATE:
+            mine = getattr(stats, name)
+            if state[name].shape != mine.shape or state[name].dtype != mine.dtype:
+                raise ValueError(
+                    f"analysis state {name} is {tuple(state[name].shape)} {state[name].dtype}, not "
+                    f"{tuple(mine.shape)} {mine.dtype} as these analyze settings make it"
+                )
+            setattr(stats, name, state[name].clone())
+        stats.tokens = int(state["tokens"])
+        return stats
+
+    def merge(self, other: "FeatureStats") -> None:
+        """Folds in `other`, the statistics of other tokens (another rank's share of a corpus): what one pass
+        over both would hold, exactly but for the band samples and float64 rounding (module docstring)."""
+        self.tokens += other.tokens
+        self.count += other.count
+        self.act_sum += other.act_sum
+        self.hist_counts += other.hist_counts
+        self.max_act = torch.maximum(self.max_act, other.max_act)
+        k = self.cfg.top_k
+        names = ("top_act", "top_row", "top_pos", "window_ids", "window_acts")
+        both = [torch.cat([getattr(self, a), getattr(other, a)], dim=1) for a in names]  # [F, 2k, ...]
+        for name, t in zip(names, _sorted(both, both[0])):
+            setattr(self, name, t[:, :k].clone())
+        both = [
+            torch.cat([a.flatten(1, 2), b.flatten(1, 2)], dim=1)
+            for a, b in zip(self._bands(), other._bands())
+        ]
+        binned = self._binned(both, self.max_act)
+        for name, t in zip(self._STATE[8:14], binned):
+            setattr(self, name, t)
 
     def interval_count(self) -> torch.Tensor:
         """Tokens per band [F, I], from the fine histogram (approximate, see the module docstring), at least
@@ -342,9 +440,9 @@ class FeatureStats:
         first, and each band's samples too; empty slots last."""
         top = [self.top_act, self.top_row, self.top_pos, self.window_ids, self.window_acts]
         return {
-            "density": self.count / max(self.tokens, 1),
+            "density": self.count.float() / max(self.tokens, 1),
             "max_act": self.max_act,
-            "mean_act": self.act_sum / self.count.clamp_min(1),
+            "mean_act": (self.act_sum / self.count.clamp_min(1)).float(),
             **dict(
                 zip(
                     ("top_act", "top_row", "top_pos", "window_ids", "window_acts"), _sorted(top, self.top_act)

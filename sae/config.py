@@ -212,8 +212,9 @@ class EvalConfig:
 
 @dataclass
 class AnalyzeConfig:
-    tokens: int = 65_536
-    """Held-out tokens to scan."""
+    tokens: int | str = "all"
+    """Text tokens of the corpus to analyse, training rows first, then held-out ones (`all`: the whole corpus);
+    the pass ends after the batch that reaches them."""
     top_k: int = 10
     """Top-activating examples kept per feature."""
     per_context: int = 1
@@ -236,9 +237,15 @@ class AnalyzeConfig:
     """Features listed as nearest by decoder cosine."""
     seed: int = 0
     """Seed of the random keys that sample the band examples."""
+    checkpoint_every: int = 200
+    """Context batches between the saved states of the analysis pass, from which `resume=true` continues."""
 
     def __post_init__(self) -> None:
-        _check(self.tokens > 0, f"analyze.tokens={self.tokens} must be > 0")
+        _check(
+            self.tokens == "all" or (isinstance(self.tokens, int) and self.tokens > 0),
+            f"analyze.tokens={self.tokens!r} must be a number of tokens > 0 or 'all'",
+        )
+        _check(self.checkpoint_every > 0, f"analyze.checkpoint_every={self.checkpoint_every} must be > 0")
         _check(self.top_k > 0, f"analyze.top_k={self.top_k} must be > 0")
         _check(min(self.window_before, self.window_after) >= 0, "analyze.window_before/after must be >= 0")
         _check(self.intervals > 0, f"analyze.intervals={self.intervals} must be > 0")
@@ -316,13 +323,15 @@ class AnalyzeJob:
     """Run directory holding sae.safetensors and cfg.json; with `sae_dir`, where the analysis is written."""
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     data_path: str | None = None
-    """Analyse the held-out rows of this corpus instead of the run's own (same column and packing)."""
+    """Analyse this corpus instead of the run's own (same column and packing)."""
     sae_dir: str | None = None
     """A SAELens SAE directory (cfg.json + sae_weights.safetensors) to analyse instead of run_dir's SAE, on
     `model` at the SAE's hook (blocks.L.hook_resid_post is resid.L) and context size, over `data_path` or the
     offline corpus."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """With `sae_dir`: the model the SAE reads (`model.name=gpt2`); `model.module` overrides the SAE's hook."""
+    resume: bool = False
+    """Continue an interrupted analysis from its saved state (`analyze.checkpoint_every`)."""
 
 
 T = TypeVar("T")

@@ -44,14 +44,15 @@ def peak_memory() -> dict[str, float]:
     return peak
 
 
-def distributed(batch_size: int, device: str) -> tuple[int, int]:
+def distributed(batch_size: int | None, device: str) -> tuple[int, int]:
     """(rank, world size): joins the process group torchrun describes in the environment (NCCL when the
     model runs on CUDA, each rank on its own GPU; gloo on the CPU), or (0, 1) without torchrun.
-    `batch_size` is the global batch (`train.batch_size`), checked to divide among the processes."""
+    `batch_size` is the global batch (`train.batch_size`), checked to divide among the processes (None: no
+    batch to divide, as in an analysis)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
-    if batch_size % world:
+    if batch_size is not None and batch_size % world:
         raise ValueError(
             f"train.batch_size={batch_size} is the global batch and must divide evenly among the "
             f"{world} data-parallel processes; use a multiple of {world}"

@@ -1,5 +1,5 @@
-"""Evaluation of a trained SAE on held-out tokens: FVU, L0 and dead latents in one pass (with the feature
-analysis beside them), and the language model's next-token loss with the SAE's reconstruction spliced in.
+"""Evaluation of a trained SAE on held-out tokens: FVU, L0 and dead latents in one pass, and the language
+model's next-token loss with the SAE's reconstruction spliced in.
 
 The metrics are defined in `sae.metrics`; held-out tokens are the rows `packed_contexts(..., "test", ...)`
 gives (every `data.holdout_every`-th row), never trained on.
@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from sae import analyze as an
 from sae import harvest
 from sae.config import DataConfig, ModelConfig, TrainJob
 from sae.data import packed_contexts
@@ -30,9 +29,8 @@ def held_out_pass(
     model_cfg: ModelConfig,
     data: DataConfig,
     tokens: int,
-    stats: an.FeatureStats | None,
 ) -> dict:
-    """One pass over held-out tokens: FVU, L0 and dead fraction, and (with `stats`) the feature analysis."""
+    """One pass over held-out tokens: FVU, L0 and dead fraction."""
     device = next(sae.parameters()).device
     sq_err = sum_x2 = l0_sum = 0.0
     sum_x = torch.zeros(sae.d_in, dtype=torch.float64)
@@ -40,7 +38,7 @@ def held_out_pass(
     counts = torch.zeros(sae.d_sae, device=device)
     contexts = packed_contexts(data, tokenizer, "test", model_cfg.batch_size)
     with tqdm(total=tokens, desc="held-out", unit="tok", unit_scale=True) as bar:
-        for x, batch, used in harvest.activations(model, module, contexts, tokens, model_cfg.max_norm_ratio):
+        for x, batch, _ in harvest.activations(model, module, contexts, tokens, model_cfg.max_norm_ratio):
             x = x.to(device)  # [B, D]
             code = sae.encode(x)
             x_hat = sae.decode(code)
@@ -51,8 +49,6 @@ def held_out_pass(
             counts += firing_counts(code.acts, code.idx, sae.d_sae)
             n += len(x)
             text_tokens += int(batch.mask.sum())
-            if stats is not None:
-                stats.update(code, used, batch)
             bar.update(len(x))
     total_var = sum_x2 - sum_x.pow(2).sum().item() / n  # sum ||x - mean||^2
     return {
@@ -163,15 +159,11 @@ def _logits(
     return logits[:, :-1][mask[:, 1:]].float()
 
 
-def evaluate_sae(
-    sae: SAE, model, tokenizer, module: str, job: TrainJob
-) -> tuple[dict, an.FeatureStats | None]:
-    """The held-out metrics of a trained SAE (`job.eval`: FVU, L0, dead fraction, and the spliced-in loss on
-    `eval.loss_contexts` contexts) and, with `job.do_analyze`, the analysis pass made beside them."""
+def evaluate_sae(sae: SAE, model, tokenizer, module: str, job: TrainJob) -> dict:
+    """The held-out metrics of a trained SAE (`job.eval`): FVU, L0, dead fraction, and the spliced-in loss on
+    `eval.loss_contexts` contexts."""
     device = next(sae.parameters()).device
-    stats = an.FeatureStats(sae.d_sae, job.analyze) if job.do_analyze else None
-    tokens = max(job.eval.tokens, job.analyze.tokens if job.do_analyze else 0)
-    metrics = held_out_pass(sae, model, tokenizer, module, job.model, job.data, tokens, stats)
+    metrics = held_out_pass(sae, model, tokenizer, module, job.model, job.data, job.eval.tokens)
     if job.eval.loss_contexts:
         metrics |= loss_recovered(
             lambda x: sae(x.to(device)).x_hat,
@@ -182,4 +174,4 @@ def evaluate_sae(
             job.data,
             job.eval.loss_contexts,
         )
-    return metrics, stats
+    return metrics

@@ -34,10 +34,12 @@ def write_json(path: str | Path, value) -> Path:
     return write_text(path, json.dumps(value, indent=2))
 
 
-def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
-    """Writes named tensors as safetensors to `path` atomically."""
+def save_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Path:
+    """Writes named tensors (and string `metadata`) as safetensors to `path` atomically."""
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic(path, lambda tmp: save_file(cpu, str(tmp)))
+    return atomic(path, lambda tmp: save_file(cpu, str(tmp), metadata=metadata))
 
 
 def load_tensors(path: str | Path, what: str = "safetensors file") -> dict[str, torch.Tensor]:

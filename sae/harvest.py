@@ -270,15 +270,22 @@ def harvest_tensors(
     max_tokens: int,
     max_norm_ratio: float,
     progress: bool = True,
+    kept: list[tuple[Contexts, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Harvests up to `max_tokens` activations of each module (fewer if the data runs out) into one float32
-    tensor [B, D] per module on the CPU, all from the same forward passes and the same kept tokens."""
+    tensor [B, D] per module on the CPU, all from the same forward passes and the same kept tokens.
+
+    `kept`, when given, receives (contexts, used [N, T]) of each batch harvested whole, in order: where the
+    leading rows of the tensors came from, so an analysis can encode them without a second forward
+    (`scan.replay_in_memory`)."""
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modules}
     total = 0
     with tqdm(total=max_tokens, desc="harvest", unit="tok", unit_scale=True, disable=not progress) as bar:
         for batch in contexts:
-            xs, _ = capture_kept(model, modules, batch, max_norm_ratio)
+            xs, used = capture_kept(model, modules, batch, max_norm_ratio)
             n = min(len(xs[modules[0]]), max_tokens - total)
+            if kept is not None and n == len(xs[modules[0]]):
+                kept.append((batch, used))
             for m in modules:
                 chunks[m].append(xs[m][:n].float().cpu())
             total += n

@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,11 +21,11 @@ import torch
 import torch.distributed as dist
 
 from sae import analyze as an
-from sae import devices, formats, harvest, rundir, site, stream, tracking
+from sae import devices, formats, harvest, rundir, scan, site, stream, tracking
 from sae.cache import ActivationCache, write_cache
 from sae.config import AnalyzeConfig, AnalyzeJob, DataConfig, SAEConfig, TrainJob, sae_variants
 from sae.data import Contexts, check_held_out, packed_contexts
-from sae.evaluate import evaluate_sae, held_out_pass, loss_recovered
+from sae.evaluate import evaluate_sae, loss_recovered
 from sae.files import write_json
 from sae.model import SAE
 from sae.train import DIVERGED_FVU, Interrupted, TrainingDiverged, diverged_message, train
@@ -42,6 +43,10 @@ class _Session:
     start: float
     rank: int = 0
     world: int = 1
+
+
+ANALYSIS_STATE = "analysis-state"
+"""Where an analysis pass keeps its resumable state (`scan.analysis_pass`) until the analysis is written."""
 
 
 def _check_k(sae: SAEConfig, d_in: int) -> None:
@@ -108,6 +113,7 @@ def _train_one(
     module: str,
     d_in: int,
     batches: Iterator[torch.Tensor],
+    replay: scan.Replay,
     out_dir: Path,
     final_dir: Path,
 ) -> dict:
@@ -116,7 +122,8 @@ def _train_one(
 
     `batches` are made in a background thread while the SAE trains; when streamed, up to half a shuffle
     buffer ahead, so the forwards that refill the buffer overlap training. Model forwards hold the session's
-    lock. Data-parallel ranks other than 0 only train, and return {}."""
+    lock. `replay`: the harvested training batches the analysis encodes without a forward. Data-parallel ranks
+    other than 0 train and take their share of the analysis, and return {}."""
     cfg, rank, world = s.cfg, s.rank, s.world
     device = devices.resolve_device(cfg.model.device)
     if world > 1 and device.type == "cuda":
@@ -159,15 +166,33 @@ def _train_one(
             )
         finally:
             ahead.close()  # stops the producer before this thread runs the model
+        if rank == 0:
+            trained = {
+                f"{k}_harvest_train": v for k, v in devices.peak_memory().items()
+            }  # before evaluation's
+            metrics = evaluate_sae(sae, s.model, s.tokenizer, module, cfg)
+            if metrics["fvu"] > DIVERGED_FVU:
+                what = f"the held-out FVU is {metrics['fvu']:.3g} with {metrics['dead_fraction']:.0%} dead latents"
+                raise TrainingDiverged(diverged_message(what, cfg.train, sae.d_sae), None)
+        state_dir = out_dir / ANALYSIS_STATE
+        stats = None
+        if cfg.do_analyze:
+            stats = scan.analysis_pass(
+                sae,
+                s.model,
+                s.tokenizer,
+                module,
+                cfg.model,
+                cfg.data,
+                cfg.analyze,
+                state_dir,
+                replay,
+                rank,
+                world,
+                cfg.resume,
+            )
         if rank != 0:
             return {}
-        trained = {f"{k}_harvest_train": v for k, v in devices.peak_memory().items()}  # before evaluation's
-        metrics, stats = evaluate_sae(sae, s.model, s.tokenizer, module, cfg)
-        if metrics["fvu"] > DIVERGED_FVU:
-            what = (
-                f"the held-out FVU is {metrics['fvu']:.3g} with {metrics['dead_fraction']:.0%} dead latents"
-            )
-            raise TrainingDiverged(diverged_message(what, cfg.train, sae.d_sae), None)
         metrics |= trained | devices.peak_memory()
         metrics["wall_seconds"] = round(time.time() - s.start, 1)
         run.summary.update({f"eval/{k}": v for k, v in metrics.items()})
@@ -177,6 +202,7 @@ def _train_one(
         write_json(out_dir / "metrics.json", metrics)
         if stats is not None:
             write_analysis(stats, sae, s.model, s.tokenizer, cfg.analyze, out_dir, meta)
+            shutil.rmtree(state_dir)
         tracking.log_artifacts(run, out_dir)  # W&B copies the files now, before out_dir is renamed
     except Interrupted:
         exit_code = 1  # W&B marks the run as stopped, and continues it on resume
@@ -257,8 +283,10 @@ def _in_memory(
     pending: list[str],
     contexts: Iterator[Contexts],
     cache: ActivationCache | None,
+    kept: list[tuple[Contexts, torch.Tensor]],
 ) -> dict[str, torch.Tensor]:
-    """The in-memory training tokens [B, D] of the modules still to train (`pending`); {} when streaming."""
+    """The in-memory training tokens [B, D] of the modules still to train (`pending`); {} when streaming.
+    A harvest made here appends the (contexts, used) of the batches it harvested whole to `kept`."""
     cfg, rank, world = s.cfg, s.rank, s.world
     if not cfg.train.in_memory or not pending:
         return {}
@@ -267,7 +295,23 @@ def _in_memory(
         return {m: cache.load(m)[rank::world].clone() if world > 1 else cache.load(m) for m in pending}
     # All modules, as the first attempt harvested them: the same tokens whichever SAEs are left.
     tokens = _share(cfg.train.harvest_tokens, world)
-    return harvest.harvest_tensors(s.model, modules, contexts, tokens, cfg.model.max_norm_ratio)
+    return harvest.harvest_tensors(s.model, modules, contexts, tokens, cfg.model.max_norm_ratio, kept=kept)
+
+
+def _replay(
+    s: _Session,
+    module: str,
+    xs: dict[str, torch.Tensor],
+    kept: list[tuple[Contexts, torch.Tensor]],
+    cache: ActivationCache | None,
+) -> scan.Replay:
+    """This rank's harvested training batches of `module` for the analysis: from the cache, or the in-memory
+    harvest; none when streamed."""
+    if cache is not None:
+        return cache.replay(module, s.rank, s.world)
+    if module in xs and kept:
+        return scan.replay_in_memory(xs[module], kept, s.rank, s.world)
+    return ()
 
 
 def run_training(cfg: TrainJob) -> dict:
@@ -319,11 +363,12 @@ def _run_training(cfg: TrainJob, final: Path, start: float, rank: int, world: in
             if cfg.resume and rundir.finished(out_dir, cfg.do_analyze):  # before the interruption
                 results[v.name] = json.loads((out_dir / "metrics.json").read_text())
         pending = sorted({m for v, m in zip(variants, modules) if v.name not in results})
-        xs = _in_memory(s, harvested, pending, contexts, cache)
+        kept: list[tuple[Contexts, torch.Tensor]] = []
+        xs = _in_memory(s, harvested, pending, contexts, cache, kept)
         for v, m, (out_dir, final_dir) in zip(variants, modules, out_dirs):
             if v.name not in results:
-                batches = _batches(s, m, xs, cache)
-                results[v.name] = _train_one(s, v, m, widths[m], batches, out_dir, final_dir)
+                batches, replay = _batches(s, m, xs, cache), _replay(s, m, xs, kept, cache)
+                results[v.name] = _train_one(s, v, m, widths[m], batches, replay, out_dir, final_dir)
         if rank != 0:
             return {}
         if len(variants) > 1:
@@ -352,10 +397,28 @@ def _saelens_job(job: AnalyzeJob) -> tuple[SAE, TrainJob, str | None]:
     return imported, cfg, meta["model_name"]
 
 
-def run_analysis(job: AnalyzeJob) -> Path:
+def _run_cache(cfg: TrainJob, module: str) -> ActivationCache | None:
+    """The run's activation cache of `module`, where it is still there and complete; else None (a note says
+    why, and the analysis runs the model for every batch)."""
+    if not cfg.train.cache_dir:
+        return None
+    try:
+        cache = ActivationCache(cfg.train.cache_dir)
+    except (OSError, ValueError) as err:
+        print(f"the run's activation cache is not used: {err}")
+        return None
+    return cache if module in cache.modules else None
+
+
+def run_analysis(job: AnalyzeJob) -> Path | None:
     """Re-analyzes a finished run directory (with its recorded model, hook and corpus), or a SAELens SAE
-    (`job.sae_dir`, on `job.model`) into `job.run_dir`, into a dashboard."""
+    (`job.sae_dir`, on `job.model`) into `job.run_dir`, into a dashboard; returns the site's directory (None on
+    data-parallel ranks other than 0, which only take their share of the pass).
+
+    The run's activation cache (`train.cache_dir`), where it is complete, gives the activations of the
+    batches it holds without a forward. With `job.resume`, an interrupted analysis continues from its state."""
     run_dir = Path(job.run_dir)
+    cache = None
     if job.sae_dir:
         imported, cfg, model_name = _saelens_job(job)
         model, tokenizer = harvest.load_model(cfg.model)
@@ -367,11 +430,31 @@ def run_analysis(job: AnalyzeJob) -> Path:
         run = rundir.open_run(run_dir)
         assert run.job is not None and run.module is not None
         cfg, sae, model, tokenizer, module = run.job, run.sae, run.model, run.tokenizer, run.module
+        cache = None if job.data_path else _run_cache(cfg, module)
+    rank, world = devices.distributed(None, cfg.model.device)
     data = dataclasses.replace(cfg.data, path=job.data_path) if job.data_path else cfg.data
-    stats = an.FeatureStats(sae.d_sae, job.analyze)
-    held_out_pass(sae, model, tokenizer, module, cfg.model, data, job.analyze.tokens, stats)
+    replay = cache.replay(module, rank, world) if cache is not None else ()
+    state_dir = run_dir / ANALYSIS_STATE
+    stats = scan.analysis_pass(
+        sae,
+        model,
+        tokenizer,
+        module,
+        cfg.model,
+        data,
+        job.analyze,
+        state_dir,
+        replay,
+        rank,
+        world,
+        job.resume,
+    )
+    if stats is None:
+        return None
     meta = {"model": cfg.model.name, "hook": module, "d_in": sae.d_in}
-    return write_analysis(stats, sae, model, tokenizer, job.analyze, run_dir, meta)
+    path = write_analysis(stats, sae, model, tokenizer, job.analyze, run_dir, meta)
+    shutil.rmtree(state_dir)
+    return path
 
 
 def write_analysis(
