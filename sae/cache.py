@@ -1,16 +1,38 @@
-"""Activations on disk: harvest once, train many times, and resume an interrupted harvest.
+"""Activations on disk: harvest once (by one process or several), train many times, resume an interrupted
+harvest, and replay the cached context batches without running the model.
 
-A cache directory holds `meta.json` (provenance, shard list, `complete`) and shards
-`shard-00000.safetensors`, ... with
+A cache directory holds one manifest, `meta.json` (provenance, the shards, token and batch counts,
+`complete`), and shards `shard-<first batch>.safetensors`, each holding some whole context batches:
 
-    acts.<module>  [n, D]  in the model's compute dtype (lossless: the model computed in it)
-    token_id       [n]     int32
-    row            [n]     int64, the dataset row
-    pos            [n]     int32, the position within the row's tokens
+    acts.<module>   [n, D]  in the model's compute dtype (lossless: the model computed in it)
+    contexts.ids    [C, T]  int32, the token ids of the shard's C contexts (`sae.data.Contexts`)
+    contexts.row    [C, T]  int64, the dataset row of each position (-1 for an inserted BOS/EOS)
+    contexts.pos    [C, T]  int32, the position within the row's tokens (-1 for an inserted BOS/EOS)
+    contexts.mask   [C, T]  bool, the text positions
+    contexts.used   [C, T]  bool, the positions whose activations are cached (the n rows, in order)
+    contexts.batch  [C]     int64, the index of each context's batch in the train stream
 
-Each shard is written atomically and only then listed in `meta.json` (also atomic), so a crash never leaves
-meta pointing at half a shard. A shard ends after a whole context batch, and meta records how many context
-batches were consumed by then: a resumed harvest skips those batches without running the model.
+The context batches are numbered 0, 1, ... in the order of the stream the harvest reads. A complete cache
+holds batches 0..n-1 whole, and the manifest lists for each shard its batches and their token counts, so
+`load`, `provenance` and `replay` return them in batch order whatever shards they lie in.
+
+Parallel harvest: with `rank` and `world` (under torchrun), batch i is harvested by rank i % world, which
+writes its own shards. The ranks meet after each round (every rank one batch) in a collective that sums
+the round's token counts, so all agree where the budget cuts; rank 0 writes the manifest. The cache holds
+the same batches, in the same order, however many processes harvested it.
+
+Budget: the cache holds the first n context batches, n the smallest number whose kept tokens reach
+`max_tokens` (all of them if the stream runs out first); no batch is cut short.
+
+Resume: each shard is written atomically and only then listed: by rank r in `progress-rank<r>.json` while
+it harvests, merged into `meta.json` when a harvest starts and when it ends. A crash never leaves a list
+pointing at half a shard, and a resumed harvest (with any number of processes) skips the batches already
+cached without running the model.
+
+Reading: `load` and `provenance` return every cached token in batch order; `replay` yields the cached
+context batches one at a time, as `harvest.activations` yields them, for an analysis without the model;
+`batches` serves shuffled training batches shard by shard (so their order depends on how the tokens were
+sharded, which depends on how many processes harvested).
 
 The tokens cached are those `harvest.keep_tokens` keeps (in every module, when there are several), as in
 every other harvest, so the rows of all modules and the provenance line up.
@@ -18,6 +40,7 @@ every other harvest, so the rows of all modules and the provenance line up.
 
 import contextlib
 import fcntl
+import itertools
 import json
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
@@ -33,10 +57,15 @@ from sae.data import Contexts
 from sae.files import save_tensors, write_json
 
 META = "meta.json"
+_PROGRESS = "progress-rank{}.json"  # a rank's own list of the shards it has written, while it harvests
+FORMAT = 2
+"""The layout of the shards and the manifest; in the provenance, so a cache of another layout is refused."""
+_CONTEXT_KEYS = ("ids", "row", "pos", "mask", "used")
 
 
-def _shard_name(i: int) -> str:
-    return f"shard-{i:05d}.safetensors"
+def _shard_name(first_batch: int) -> str:
+    # Named by its first context batch: unique however many processes, in however many attempts, harvest.
+    return f"shard-{first_batch:08d}.safetensors"
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -76,15 +105,24 @@ def write_cache(
     max_norm_ratio: float,
     provenance: dict,
     shard_tokens: int = 2**16,
+    rank: int = 0,
+    world: int = 1,
 ) -> "ActivationCache":
-    """Harvests `max_tokens` activations of `modules` (fewer if `contexts` run out) into `directory` and
-    returns the cache.
+    """Harvests the activations of `modules` at the first context batches of `contexts` whose tokens reach
+    `max_tokens` (all of them if `contexts` run out) into `directory`, and returns the complete cache.
 
     `provenance` describes whatever else changes the activations (model, data, packing), as plain JSON
-    values; the modules, the model's dtype, `max_norm_ratio` and `max_tokens` are added to it. A complete
-    cache with the same provenance is returned as it is; an incomplete one is resumed; one with other
-    provenance raises ValueError naming the differences.
+    values; the modules, the model's dtype, `max_norm_ratio`, `max_tokens` and the cache format are added
+    to it. A complete cache with the same provenance is returned as it is; an incomplete one is resumed;
+    one with other provenance raises ValueError naming the differences.
+
+    Data-parallel: every one of `world` processes (joined in a torch.distributed process group) calls this
+    with its `rank` and the whole stream `contexts`, harvests the batches i with i % world == rank, and
+    returns once rank 0 has listed every rank's shards. A shard is flushed after the whole context batch
+    that brings this rank's buffer to `shard_tokens`.
     """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank={rank} with world={world}; accepted: 0 <= rank < world")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     provenance = provenance | {
@@ -92,23 +130,57 @@ def write_cache(
         "model_dtype": _dtype_name(model.dtype),
         "max_norm_ratio": max_norm_ratio,
         "max_tokens": max_tokens,
+        "cache_format": FORMAT,
     }
     provenance = json.loads(json.dumps(provenance))  # compare as it reads back from meta.json
-    with _locked(directory):
-        meta = _start(directory, provenance, shard_tokens)
+    # Rank 0 holds the lock for the job; the others wait for it in the broadcast (the process group's
+    # timeout bounds how long another job may hold the lock).
+    with _locked(directory) if rank == 0 else contextlib.nullcontext():
+        meta = _from_rank_0(lambda: _start(directory, provenance, shard_tokens), rank, world)
         if not meta["complete"]:
-            _harvest(directory, meta, model, modules, contexts, max_tokens, max_norm_ratio)
+            mine = itertools.islice(contexts, rank, None, world)
+            part = _harvest(directory, meta, model, modules, mine, max_tokens, max_norm_ratio, rank, world)
+            parts = [part]
+            if world > 1:
+                parts = [{} for _ in range(world)]
+                dist.all_gather_object(parts, part)
+            if rank == 0:
+                meta["complete"] = True
+                _list(directory, meta, parts)
+    if world > 1:
+        dist.barrier()  # every rank opens the cache rank 0 has just completed
     return ActivationCache(directory)
 
 
+def _from_rank_0(fn: Callable[[], dict], rank: int, world: int) -> dict:
+    """`fn()` run on rank 0 and handed to every rank; an error it raises is raised on every rank, so no
+    rank waits in a collective for one that failed."""
+    if world == 1:
+        return fn()
+    message: list[Any] = [None]
+    if rank == 0:
+        try:
+            message[0] = fn()
+        except Exception as err:
+            message[0] = err
+    dist.broadcast_object_list(message, src=0)
+    if isinstance(message[0], Exception):
+        raise message[0]
+    return message[0]
+
+
 def _start(directory: Path, provenance: dict, shard_tokens: int) -> dict:
-    """The meta of the cache in `directory`: the one there (checked against `provenance`), or a new one."""
+    """The meta of the cache in `directory`: the one there (checked against `provenance`, with the shards
+    the ranks of an interrupted harvest listed merged in), or a new one."""
     path = directory / META
+    progress = [json.loads(p.read_text()) for p in sorted(directory.glob(_PROGRESS.format("*")))]
     if path.exists():
         meta = json.loads(path.read_text())
         if meta["provenance"] == provenance:
+            if not meta["complete"]:
+                _list(directory, meta, progress)
             return meta
-        if meta["complete"] or meta["shards"]:
+        if meta["complete"] or meta["shards"] or progress:
             raise ValueError(
                 f"activation cache {directory} was harvested with other settings ("
                 + "; ".join(_differences(meta["provenance"], provenance))
@@ -129,8 +201,60 @@ def _start(directory: Path, provenance: dict, shard_tokens: int) -> dict:
         "tokens": 0,
         "complete": False,
     }
-    write_json(path, meta)
+    _list(directory, meta, [])
     return meta
+
+
+def _list(directory: Path, meta: dict, parts: list[dict]) -> None:
+    """Lists the shards of `parts` (what ranks harvested: their shards, dtype and widths) in `meta` and
+    writes it; then deletes the ranks' own lists, and every shard or temporary file meta does not list
+    (left by a harvest that stopped before listing it)."""
+    for part in parts:
+        listed = {s["file"] for s in meta["shards"]}
+        meta["shards"] += [s for s in part["shards"] if s["file"] not in listed]
+        meta["dtype"] = meta["dtype"] or part["dtype"]
+        meta["d_in"] = meta["d_in"] or part["d_in"]
+    meta["shards"].sort(key=lambda s: s["batches"][0])
+    meta["batches"] = sum(len(s["batches"]) for s in meta["shards"])
+    meta["tokens"] = sum(s["tokens"] for s in meta["shards"])
+    write_json(directory / META, meta)
+    listed = {s["file"] for s in meta["shards"]}
+    for pattern in (_PROGRESS.format("*"), "shard-*.safetensors", ".*.tmp*"):
+        for stale in directory.glob(pattern):
+            if stale.name not in listed:
+                stale.unlink()
+
+
+def _round_counts(count: int, rank: int, world: int) -> list[int]:
+    """The kept-token counts of one round's context batches, one per rank in rank order (-1: that rank's
+    stream ran out): every rank's own `count`, summed across ranks in a collective when world > 1."""
+    if world == 1:
+        return [count]
+    nccl = dist.get_backend() == "nccl"  # NCCL reduces only tensors on the rank's GPU
+    counts = torch.zeros(world, dtype=torch.int64, device=torch.cuda.current_device() if nccl else "cpu")
+    counts[rank] = count
+    dist.all_reduce(counts)
+    return counts.tolist()
+
+
+def _kept(counts: list[int], total: int, max_tokens: int) -> int:
+    """How many of one round's batches (kept-token `counts` in batch order, -1 past the end of the stream)
+    the cache keeps after the `total` tokens of the rounds before: up to the one that reaches `max_tokens`."""
+    for j, n in enumerate(counts):
+        if n < 0:
+            return j
+        total += n
+        if total >= max_tokens:
+            return j + 1
+    return len(counts)
+
+
+def _rows(xs: dict[str, torch.Tensor], batch: Contexts, used: torch.Tensor, index: int) -> dict:
+    """The shard entries of one context batch: its activations, contexts and used positions."""
+    rows = {f"acts.{m}": x.cpu() for m, x in xs.items()}  # [B, D] each
+    contexts = {"ids": batch.ids.int(), "row": batch.row.long(), "pos": batch.pos.int(), "mask": batch.mask}
+    rows |= {f"contexts.{k}": v for k, v in (contexts | {"used": used}).items()}  # [N, T] each
+    return rows | {"contexts.batch": torch.full((len(batch.ids),), index)}  # [N]
 
 
 def _harvest(
@@ -141,69 +265,71 @@ def _harvest(
     contexts: Iterable[Contexts],
     max_tokens: int,
     max_norm_ratio: float,
-) -> None:
-    """Continues the harvest `meta` describes: skips the context batches already cached, then captures the
-    rest, flushing a shard whenever `shard_tokens` are buffered."""
-    listed = {s["file"] for s in meta["shards"]}
-    for stale in [*directory.glob("shard-*.safetensors"), *directory.glob(".*.tmp*")]:
-        if stale.name not in listed:  # left by a harvest that stopped before listing it
-            stale.unlink()
-    skip, total = meta["batches"], meta["tokens"]
-    buffer: list[dict[str, torch.Tensor]] = []
-    buffered = 0
+    rank: int,
+    world: int,
+) -> dict:
+    """Harvests this rank's context batches `contexts` (batches rank, rank + world, ... of the stream)
+    round by round, skipping those `meta` lists without running the model, and flushing a shard whenever
+    `shard_tokens` are buffered; returns what it harvested (its shards, dtype and widths)."""
+    done = {b: n for s in meta["shards"] for b, n in zip(s["batches"], s["batch_tokens"])}
+    part: dict[str, Any] = {"shards": [], "dtype": None, "d_in": {}}
+    buffer: list[tuple[int, dict[str, torch.Tensor]]] = []  # (batch index, its rows)
     pending: Future | None = None
 
     def write(shard: dict[str, torch.Tensor], snapshot: dict) -> None:
         save_tensors(directory / snapshot["shards"][-1]["file"], shard)
-        write_json(directory / META, snapshot)
+        write_json(directory / _PROGRESS.format(rank), snapshot)
 
     def flush() -> None:
-        nonlocal buffer, buffered, pending
+        nonlocal pending
         if buffer:
-            shard = {key: torch.cat([b[key] for b in buffer]) for key in buffer[0]}
-            meta["shards"].append(
-                {"file": _shard_name(len(meta["shards"])), "tokens": buffered, "batches": meta["batches"]}
+            shard = {key: torch.cat([t[key] for _, t in buffer]) for key in buffer[0][1]}
+            counts = [len(t[f"acts.{modules[0]}"]) for _, t in buffer]
+            part["shards"].append(
+                {
+                    "file": _shard_name(buffer[0][0]),
+                    "tokens": sum(counts),
+                    "batches": [b for b, _ in buffer],
+                    "batch_tokens": counts,
+                }
             )
-            meta["tokens"] += buffered
-            meta["dtype"] = _dtype_name(shard[f"acts.{modules[0]}"].dtype)
-            meta["d_in"] = {m: shard[f"acts.{m}"].shape[1] for m in modules}
+            part["dtype"] = _dtype_name(shard[f"acts.{modules[0]}"].dtype)
+            part["d_in"] = {m: shard[f"acts.{m}"].shape[1] for m in modules}
             if pending is not None:
                 pending.result()  # one shard in flight at a time, listed in order
-            pending = writer.submit(write, shard, json.loads(json.dumps(meta)))
-        buffer, buffered = [], 0
+            pending = writer.submit(write, shard, json.loads(json.dumps(part)))
+        buffer.clear()
 
+    total = 0  # tokens of the batches kept so far, all ranks'
     # Packing runs ahead in one thread and the shards are written in another, both beside the forward.
     with (
         ThreadPoolExecutor(1, thread_name_prefix="cache-writer") as writer,
         contextlib.closing(stream.prefetch(contexts)) as batches,
-        tqdm(total=max_tokens, initial=total, desc="harvest", unit="tok", unit_scale=True) as bar,
+        tqdm(total=max_tokens, desc="harvest", unit="tok", unit_scale=True, disable=rank != 0) as bar,
     ):
-        for i, batch in enumerate(batches):
-            if i < skip:
-                continue
-            xs, used = harvest.capture_kept(model, modules, batch, max_norm_ratio)  # [B, D] each
-            n = min(len(xs[modules[0]]), max_tokens - total)
-            rows = {f"acts.{m}": x[:n].cpu() for m, x in xs.items()}
-            for key, value, dtype in (
-                ("token_id", batch.ids, torch.int32),
-                ("row", batch.row, torch.int64),
-                ("pos", batch.pos, torch.int32),
-            ):
-                rows[key] = value[used][:n].to(dtype)
-            buffer.append(rows)
-            buffered += n
-            total += n
-            meta["batches"] = i + 1
-            bar.update(n)
-            if total >= max_tokens:
+        for r in itertools.count():
+            index, batch, rows = r * world + rank, next(batches, None), None
+            if batch is None:
+                count = -1
+            elif index in done:
+                count = done[index]
+            else:
+                xs, used = harvest.capture_kept(model, modules, batch, max_norm_ratio)  # [B, D] each
+                rows, count = _rows(xs, batch, used, index), int(used.sum())
+            counts = _round_counts(count, rank, world)
+            kept = _kept(counts, total, max_tokens)
+            if rows is not None and rank < kept:
+                buffer.append((index, rows))
+            total += sum(counts[:kept])
+            bar.update(sum(counts[:kept]))
+            if kept < world or total >= max_tokens:
                 break
-            if buffered >= meta["shard_tokens"]:
+            if sum(len(t[f"acts.{modules[0]}"]) for _, t in buffer) >= meta["shard_tokens"]:
                 flush()
         flush()
         if pending is not None:
             pending.result()
-        meta["complete"] = True
-        write_json(directory / META, meta)
+    return part
 
 
 class ActivationCache:
@@ -215,13 +341,36 @@ class ActivationCache:
         if not path.exists():
             raise FileNotFoundError(f"{self.dir} holds no activation cache: {path} does not exist")
         self.meta: dict = json.loads(path.read_text())
-        """meta.json: provenance, dtype, d_in per module, shards and token counts."""
-        if not self.meta["complete"]:
+        """meta.json: provenance, dtype, d_in per module, shards and token and batch counts."""
+        layout = self.meta["provenance"].get("cache_format")
+        if layout != FORMAT:
             raise ValueError(
-                f"activation cache {self.dir} is incomplete: its harvest was interrupted after "
-                f"{self.meta['tokens']} tokens. Run the same command again (same model, hooks, data and "
-                "harvest settings) to resume it"
+                f"activation cache {self.dir} has format {layout!r}, not the format {FORMAT} this version "
+                f"reads; harvest it again into another cache directory, or delete {self.dir}"
             )
+        if not self.meta["complete"]:
+            progress = [json.loads(p.read_text()) for p in self.dir.glob(_PROGRESS.format("*"))]
+            tokens = self.meta["tokens"] + sum(s["tokens"] for p in progress for s in p["shards"])
+            raise ValueError(
+                f"activation cache {self.dir} is incomplete: its harvest was interrupted after {tokens} "
+                "tokens. Run the same command again (same model, hooks, data and harvest settings) to "
+                "resume it"
+            )
+        self._at: dict[int, tuple[int, int, int]] = {}
+        """Context batch -> (its shard, its first row there, its tokens)."""
+        for i, shard in enumerate(self.meta["shards"]):
+            first = 0
+            for b, n in zip(shard["batches"], shard["batch_tokens"]):
+                self._at[b] = (i, first, n)
+                first += n
+        if sorted(self._at) != list(range(self.n_batches)):
+            raise ValueError(
+                f"activation cache {self.dir} lists {len(self._at)} context batches, not batches 0.."
+                f"{self.n_batches - 1}; delete {self.dir} and harvest again"
+            )
+        counts = torch.tensor([self._at[b][2] for b in range(self.n_batches)], dtype=torch.int64)
+        self._first = (counts.cumsum(0) - counts).tolist()
+        """The first row of each context batch in `load`, in batch order."""
         for i in range(len(self.meta["shards"])):
             self._check(i)
 
@@ -229,6 +378,11 @@ class ActivationCache:
     def tokens(self) -> int:
         """Tokens in the cache (N)."""
         return self.meta["tokens"]
+
+    @property
+    def n_batches(self) -> int:
+        """Context batches in the cache, all whole: batches 0..n_batches-1 of the stream harvested."""
+        return self.meta["batches"]
 
     @property
     def modules(self) -> list[str]:
@@ -252,8 +406,10 @@ class ActivationCache:
             raise ValueError(
                 f"activation cache shard {path} is corrupt ({err}); delete {self.dir} and harvest again"
             ) from None
+        contexts = shapes.get("contexts.ids", [0, 0])  # [C, T]
         expected = {f"acts.{m}": [n, d] for m, d in self.meta["d_in"].items()}
-        expected |= {key: [n] for key in ("token_id", "row", "pos")}
+        expected |= {f"contexts.{key}": contexts for key in _CONTEXT_KEYS}
+        expected |= {"contexts.batch": contexts[:1]}
         if shapes != expected:
             raise ValueError(
                 f"activation cache shard {path} holds {shapes}, not the {expected} {META} lists; delete "
@@ -271,20 +427,54 @@ class ActivationCache:
             )
         return f"acts.{module}"
 
+    def _place(self, out: torch.Tensor, i: int, x: torch.Tensor) -> None:
+        """Copies the per-token rows x [n, ...] of shard i into out [N, ...], each batch at its place."""
+        shard, at = self.meta["shards"][i], 0
+        for b, n in zip(shard["batches"], shard["batch_tokens"]):
+            out[self._first[b] : self._first[b] + n] = x[at : at + n]
+            at += n
+
     def load(self, module: str) -> torch.Tensor:
-        """All activations [N, D] of `module` as float32, in harvest order."""
+        """All activations [N, D] of `module` as float32, in batch order (as one process harvests them)."""
         key = self._key(module)
         out = torch.empty(self.tokens, self.meta["d_in"][module])  # [N, D]
-        start = 0
-        for i, shard in enumerate(self.meta["shards"]):
-            out[start : start + shard["tokens"]] = self._read(i, key)
-            start += shard["tokens"]
+        for i in range(len(self.meta["shards"])):
+            self._place(out, i, self._read(i, key))
         return out
 
     def provenance(self) -> dict[str, torch.Tensor]:
         """`token_id`, `row` and `pos` [N] of every cached token, aligned with `load`."""
-        shards = range(len(self.meta["shards"]))
-        return {key: torch.cat([self._read(i, key) for i in shards]) for key in ("token_id", "row", "pos")}
+        out = {
+            "token_id": torch.empty(self.tokens, dtype=torch.int32),
+            "row": torch.empty(self.tokens, dtype=torch.int64),
+            "pos": torch.empty(self.tokens, dtype=torch.int32),
+        }
+        for i in range(len(self.meta["shards"])):
+            with safe_open(str(self._path(i)), framework="pt") as f:
+                used = f.get_tensor("contexts.used")  # [C, T]
+                for key, name in (("token_id", "ids"), ("row", "row"), ("pos", "pos")):
+                    self._place(out[key], i, f.get_tensor(f"contexts.{name}")[used])
+        return out
+
+    def replay(
+        self, module: str, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[int, torch.Tensor, Contexts, torch.Tensor]]:
+        """Yields (batch index, x [B, D] float32, its contexts [N, T], used [N, T]) for each cached context
+        batch whose index % world == rank, in increasing order: what `harvest.activations` yields for that
+        batch, without running the model (`used` marks the tokens kept in every cached module, the
+        positions the B rows of x come from). Reads one context batch at a time."""
+        key = self._key(module)
+        if not 0 <= rank < world:
+            raise ValueError(f"rank={rank} with world={world}; accepted: 0 <= rank < world")
+        for b in range(rank, self.n_batches, world):
+            i, first, n = self._at[b]
+            with safe_open(str(self._path(i)), framework="pt") as f:
+                where = (f.get_tensor("contexts.batch") == b).nonzero()[:, 0]  # its contexts: one run
+                rows = slice(int(where[0]), int(where[-1]) + 1)
+                x = f.get_slice(key)[first : first + n].float()  # [B, D]
+                c = {k: f.get_slice(f"contexts.{k}")[rows] for k in _CONTEXT_KEYS}  # [N, T] each
+            contexts = Contexts(ids=c["ids"].long(), row=c["row"], pos=c["pos"].long(), mask=c["mask"])
+            yield b, x, contexts, c["used"]
 
     def batches(
         self,

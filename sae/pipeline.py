@@ -246,11 +246,11 @@ def _checked(cfg: TrainJob, variants: list[SAEConfig], modules: list[str], width
 def _cache(s: _Session, directory: str, modules: list[str], contexts: Iterator[Contexts]) -> ActivationCache:
     """The activation cache of the job in `directory`, harvested now unless a complete one of the same settings exists.
 
-    Data-parallel ranks all call this on the whole corpus: the first to take the cache's file lock harvests,
-    the others wait on the lock (not a collective, which would time out) and then reuse it, so the cache is
-    the one a single process would write."""
+    Data-parallel ranks harvest it together: each reads the whole train stream and harvests its own context
+    batches (batch i on rank i % world) into the one cache, which holds what a single process would write;
+    `write_cache` returns on every rank once the cache is complete, so each then reads the whole of it."""
     cfg = s.cfg
-    if s.world > 1:
+    if s.world > 1:  # `contexts` holds this rank's batches only; the cache numbers them in the whole stream
         contexts = packed_contexts(cfg.data, s.tokenizer, "train", cfg.model.batch_size)
     return write_cache(
         directory,
@@ -260,6 +260,8 @@ def _cache(s: _Session, directory: str, modules: list[str], contexts: Iterator[C
         cfg.train.harvest_tokens,
         cfg.model.max_norm_ratio,
         _cache_provenance(cfg),
+        rank=s.rank,
+        world=s.world,
     )
 
 

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae.cache import FORMAT, ActivationCache
 from sae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
 from sae.data import wikipedia_sample
+from sae.files import save_tensors, write_json
 from sae.harvest import load_model
 
 SENTENCES = [
@@ -94,3 +96,21 @@ def tiny_job(tmp_path: Path, corpus: Path, **changes) -> TrainJob:
             setattr(getattr(job, group), key, value)
     job.eval.tokens, job.eval.loss_contexts = 1024, 0
     return job
+
+
+def handmade_cache(path: Path, chunks: list[torch.Tensor], module: str = "m") -> ActivationCache:
+    """A complete activation cache of `module` written by hand: shard i holds chunks[i] [n, D] float32 as
+    context batch i, one context of n positions, all of them cached."""
+    listed = []
+    for b, x in enumerate(chunks):
+        n, name = len(x), f"shard-{b:08d}.safetensors"
+        pos, true = torch.arange(n, dtype=torch.int32)[None], torch.ones(1, n, dtype=torch.bool)  # [1, n]
+        contexts = {"ids": pos, "row": pos.long(), "pos": pos.clone(), "mask": true, "used": true.clone()}
+        tensors = {f"contexts.{k}": v for k, v in contexts.items()} | {"contexts.batch": torch.tensor([b])}
+        save_tensors(path / name, tensors | {f"acts.{module}": x})
+        listed.append({"file": name, "tokens": n, "batches": [b], "batch_tokens": [n]})
+    meta = {"provenance": {"modules": [module], "cache_format": FORMAT}, "dtype": "float32"}
+    meta |= {"d_in": {module: chunks[0].shape[1]}, "shard_tokens": len(chunks[0]), "shards": listed}
+    meta |= {"batches": len(chunks), "tokens": sum(len(x) for x in chunks), "complete": True}
+    write_json(path / "meta.json", meta)
+    return ActivationCache(path)

@@ -1,4 +1,5 @@
-"""The activation cache: what it stores, resuming, bad caches, shuffled reading, and the pipeline using it."""
+"""The activation cache: what it stores, the whole-batch budget, resuming, bad caches, replay of the cached
+context batches, two gloo processes harvesting one cache, shuffled reading, and the pipeline using it."""
 
 import itertools
 import json
@@ -6,28 +7,39 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import handmade_cache
 
 from sae import harvest
 from sae import pipeline as pl
 from sae.cache import ActivationCache, write_cache
 from sae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
 from sae.data import packed_contexts
-from sae.files import save_tensors, write_json
+from sae.files import write_json
 from sae.model import SAE
 
 L1, L2 = "model.layers.1", "model.layers.2"
 RATIO = 1.2  # drops ~7% of the tiny model's tokens, not the same ones at both layers
 
 
+def _stream(tokenizer, sentences):
+    rows = [{"text": s} for s in sentences]
+    return packed_contexts(DataConfig(context_size=32), tokenizer, "train", 3, rows=rows)
+
+
 @pytest.fixture
 def contexts(tokenizer, sentences):
     """A function returning a fresh stream of the 16 batches (3 x 32 tokens, 1460 text tokens) of the corpus."""
-    rows = [{"text": s} for s in sentences]
-    return lambda: packed_contexts(DataConfig(context_size=32), tokenizer, "train", 3, rows=rows)
+    return lambda: _stream(tokenizer, sentences)
 
 
-def _write(path, model, contexts, modules=(L1,), max_tokens=10**6, shard_tokens=200, **provenance):
-    return write_cache(path, model, list(modules), contexts, max_tokens, RATIO, provenance, shard_tokens)
+def _write(
+    path, model, contexts, modules=(L1,), max_tokens=10**6, shard_tokens=200, rank=0, world=1, **provenance
+):
+    return write_cache(
+        path, model, list(modules), contexts, max_tokens, RATIO, provenance, shard_tokens, rank, world
+    )
 
 
 def _shard(cache: ActivationCache, i: int):
@@ -117,16 +129,21 @@ def test_shards_are_listed_atomic_and_end_after_whole_batches(tmp_path, tiny, co
         [".lock", "meta.json"] + [s["file"] for s in shards]
     )
     assert all(s["tokens"] >= 200 for s in shards[:-1]) and sum(s["tokens"] for s in shards) == cache.tokens
-    batches = [s["batches"] for s in shards]
-    assert batches == sorted(set(batches)) and batches[-1] == cache.meta["batches"] == 16
+    assert all(sum(s["batch_tokens"]) == s["tokens"] for s in shards)
+    assert [b for s in shards for b in s["batches"]] == list(range(16)) and cache.n_batches == 16
+    assert [s["file"] for s in shards] == [f"shard-{s['batches'][0]:08d}.safetensors" for s in shards]
 
 
-def test_max_tokens_cuts_the_harvest_exactly(tmp_path, tiny, contexts):
+def test_max_tokens_keeps_whole_batches_up_to_the_one_that_reaches_it(tmp_path, tiny, contexts):
     full = _write(tmp_path / "full", tiny[0], contexts())
     cut = _write(tmp_path / "cut", tiny[0], contexts(), max_tokens=500)
-    assert cut.tokens == 500 and cut.meta["batches"] < 16
-    assert torch.equal(cut.load(L1), full.load(L1)[:500])
-    assert torch.equal(cut.provenance()["pos"], full.provenance()["pos"][:500])
+    counts = [n for s in full.meta["shards"] for n in s["batch_tokens"]]
+    n = cut.n_batches
+    assert sum(counts[: n - 1]) < 500 <= sum(counts[:n]) == cut.tokens and n < 16
+    assert torch.equal(cut.load(L1), full.load(L1)[: cut.tokens])
+    assert torch.equal(cut.provenance()["pos"], full.provenance()["pos"][: cut.tokens])
+    *_, (last, _, _, used) = cut.replay(L1)
+    assert last == n - 1 and torch.equal(used, list(full.replay(L1))[n - 1][3])  # the last batch is whole
 
 
 def _interrupted(contexts, after: int):
@@ -143,8 +160,11 @@ def test_an_interrupted_harvest_resumes_to_the_same_cache_without_rerunning_the_
     reference = _write(tmp_path / "reference", model, contexts(), modules=(L1, L2))
     with pytest.raises(KeyboardInterrupt):
         _write(tmp_path / "cache", model, _interrupted(contexts(), 8), modules=(L1, L2))
-    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
-    assert not meta["complete"] and meta["shards"] and 0 < meta["batches"] < 8  # the last batches were lost
+    assert not json.loads((tmp_path / "cache" / "meta.json").read_text())["complete"]
+    # The shards listed so far are in the harvesting rank's own list until the harvest ends.
+    progress = json.loads((tmp_path / "cache" / "progress-rank0.json").read_text())
+    cached = sum(len(s["batches"]) for s in progress["shards"])
+    assert 0 < cached < 8  # the last batches were lost
     with pytest.raises(ValueError, match="interrupted.*resume"):
         ActivationCache(tmp_path / "cache")
 
@@ -153,7 +173,7 @@ def test_an_interrupted_harvest_resumes_to_the_same_cache_without_rerunning_the_
         resumed = _write(tmp_path / "cache", model, contexts(), modules=(L1, L2))
     finally:
         handle.remove()
-    assert len(calls) == 16 - meta["batches"]  # the batches already in shards are skipped, not rerun
+    assert len(calls) == 16 - cached  # the batches already in shards are skipped, not rerun
     _assert_same(resumed, reference)
     for s in reference.meta["shards"]:
         assert (resumed.dir / s["file"]).read_bytes() == (reference.dir / s["file"]).read_bytes()
@@ -185,6 +205,16 @@ def test_a_cache_of_other_settings_is_refused_by_name(tmp_path, tiny, contexts, 
     assert key in str(info.value) and str(tmp_path / "cache") in str(info.value)
 
 
+def test_a_cache_of_the_former_layout_is_refused_by_name(tmp_path, tiny, contexts):
+    cache = _write(tmp_path / "cache", tiny[0], contexts())
+    del cache.meta["provenance"]["cache_format"]  # as the former layout wrote it
+    write_json(cache.dir / "meta.json", cache.meta)
+    with pytest.raises(ValueError, match="other settings.*cache_format: None in the cache, 2 now"):
+        _write(tmp_path / "cache", tiny[0], contexts())
+    with pytest.raises(ValueError, match="has format None, not the format 2"):
+        ActivationCache(cache.dir)
+
+
 def test_a_directory_that_is_not_a_cache_is_refused(tmp_path, tiny, contexts):
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "notes.txt").write_text("mine")
@@ -206,34 +236,140 @@ def test_a_missing_or_truncated_shard_is_named(tmp_path, tiny, contexts):
     assert str(shard) in str(info.value)
 
 
+# --- replay and parallel harvest ------------------------------------------------------------------------
+
+
+def _assert_replayed(replayed, expected) -> None:
+    """The (index, x, contexts, used) of `ActivationCache.replay` equal the (x, contexts, used) expected."""
+    assert len(replayed) == len(expected)
+    for (_, x, batch, used), (x1, batch1, used1) in zip(replayed, expected):
+        assert torch.equal(x, x1) and x.dtype == x1.dtype == torch.float32
+        for field in ("ids", "row", "pos", "mask"):
+            a, b = getattr(batch, field), getattr(batch1, field)
+            assert torch.equal(a, b) and a.dtype == b.dtype, field
+        assert torch.equal(used, used1) and used.dtype == torch.bool
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_replay_yields_what_harvest_yields_without_running_the_model(tmp_path, tiny, contexts, dtype):
+    model = tiny[0]
+    if dtype == "bfloat16":
+        model = harvest.load_model(ModelConfig(name="tiny", dtype=dtype, device="cpu"))[0]
+    cache = _write(tmp_path / "cache", model, contexts())
+    expected = list(harvest.activations(model, L1, contexts(), None, RATIO))
+    calls, handle = _forwards(model)
+    try:
+        replayed = list(cache.replay(L1))
+    finally:
+        handle.remove()
+    assert calls == [] and cache.n_batches == 16 and [b for b, *_ in replayed] == list(range(16))
+    _assert_replayed(replayed, expected)
+    assert (
+        sum(int((batch.mask & ~used).sum()) for _, batch, used in expected) > 0
+    )  # max_norm_ratio dropped some
+    third = list(cache.replay(L1, rank=1, world=3))
+    assert [b for b, *_ in third] == [1, 4, 7, 10, 13]
+    _assert_replayed(third, expected[1::3])
+    with pytest.raises(ValueError, match="rank=3 with world=3; accepted: 0 <= rank < world"):
+        next(cache.replay(L1, rank=3, world=3))
+
+
+WORLD = 2
+
+
+def _harvest_rank(rank: int, store: str, root: str, sentences: list[str], cut: int) -> None:
+    """One of two gloo processes: harvests a whole cache, one cut by `cut` tokens, one interrupted before
+    batch 8 and then resumed, and resumes the 1-process harvest interrupted in `root/mixed`; records how
+    many batches were cached before each resume and how many forwards it ran. Then is refused a cache of
+    other settings."""
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        model, tokenizer = harvest.load_model(ModelConfig(name="tiny", dtype="float32", device="cpu"))
+        out = Path(root)
+        _write(out / "full", model, _stream(tokenizer, sentences), rank=rank, world=WORLD)
+        _write(out / "cut", model, _stream(tokenizer, sentences), max_tokens=cut, rank=rank, world=WORLD)
+        try:  # both ranks stop in the same round: rank 0 before batch 8, rank 1 on its way to batch 9
+            stopped = _interrupted(_stream(tokenizer, sentences), 8)
+            _write(out / "resumed", model, stopped, rank=rank, world=WORLD)
+            raise AssertionError("the harvest was not interrupted")
+        except KeyboardInterrupt:
+            pass
+        dist.barrier()  # both ranks' last shards are listed
+        for name in ("resumed", "mixed"):
+            listed = [json.loads(p.read_text()) for p in (out / name).glob("progress-rank*.json")]
+            cached = sum(len(s["batches"]) for p in listed for s in p["shards"])
+            dist.barrier()  # read before either rank resumes
+            calls, handle = _forwards(model)
+            try:
+                _write(out / name, model, _stream(tokenizer, sentences), rank=rank, world=WORLD)
+            finally:
+                handle.remove()
+            write_json(out / f"{name}-rank{rank}.json", {"cached": cached, "forwards": len(calls)})
+        try:  # rank 0 finds the settings differ; every rank raises it, none waits in a collective
+            _write(out / "full", model, _stream(tokenizer, sentences), modules=(L2,), rank=rank, world=WORLD)
+            raise AssertionError("a cache of other settings was not refused")
+        except ValueError as err:
+            assert "other settings" in str(err), err
+    finally:
+        dist.destroy_process_group()
+
+
+def _assert_equivalent(one: ActivationCache, two: ActivationCache) -> None:
+    """The caches hold the same batches, tokens and contexts in the same order, however they are sharded."""
+    assert {k: v for k, v in one.meta.items() if k != "shards"} == {
+        k: v for k, v in two.meta.items() if k != "shards"
+    }
+    for m in one.modules:
+        assert torch.equal(one.load(m), two.load(m))
+        _assert_replayed(list(two.replay(m)), [r[1:] for r in one.replay(m)])
+    for key, value in one.provenance().items():
+        assert torch.equal(value, two.provenance()[key]), key
+
+
+def test_two_gloo_processes_harvest_the_cache_one_process_harvests(tmp_path, tiny, contexts, sentences):
+    model = tiny[0]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks, so the forwards sum in the same order
+    try:
+        full = _write(tmp_path / "full", model, contexts())
+        counts = [n for s in full.meta["shards"] for n in s["batch_tokens"]]
+        cut = sum(counts[:4]) + 1  # reached by batch 4, rank 0's of round 2: rank 1 drops its batch 5
+        one_cut = _write(tmp_path / "cut", model, contexts(), max_tokens=cut)
+        with pytest.raises(KeyboardInterrupt):
+            _write(tmp_path / "two" / "mixed", model, _interrupted(contexts(), 8))
+    finally:
+        torch.set_num_threads(threads)
+    args = (str(tmp_path / "store"), str(tmp_path / "two"), sentences, cut)
+    mp.start_processes(_harvest_rank, args=args, nprocs=WORLD, start_method="spawn")
+
+    assert one_cut.n_batches == 5 and one_cut.tokens >= cut
+    for name, one in (("full", full), ("cut", one_cut), ("resumed", full), ("mixed", full)):
+        two = ActivationCache(tmp_path / "two" / name)
+        _assert_equivalent(one, two)
+        assert sorted(p.name for p in two.dir.iterdir()) == sorted(
+            [".lock", "meta.json"] + [s["file"] for s in two.meta["shards"]]
+        )
+    for name in ("full", "cut"):  # each rank wrote shards of its own batches
+        shards = ActivationCache(tmp_path / "two" / name).meta["shards"]
+        assert {tuple({b % WORLD for b in s["batches"]}) for s in shards} == {(0,), (1,)}
+    for name in ("resumed", "mixed"):  # the cached batches were skipped, the rest run once, on some rank
+        ranks = [json.loads((tmp_path / "two" / f"{name}-rank{r}.json").read_text()) for r in range(WORLD)]
+        cached = ranks[0]["cached"]
+        assert (
+            0 < cached < 8
+            and ranks[1]["cached"] == cached
+            and sum(r["forwards"] for r in ranks) == 16 - cached
+        ), ranks
+
+
 # --- reading --------------------------------------------------------------------------------------------
 
 
 def _numbered(path: Path, shards: int = 10, n: int = 96) -> ActivationCache:
     """A cache whose token i has activation [i, -i] in the module `m`: each row names its token."""
-    listed = []
-    for s in range(shards):
-        i = torch.arange(s * n, (s + 1) * n)
-        name = f"shard-{s:05d}.safetensors"
-        save_tensors(
-            path / name,
-            {"acts.m": torch.stack([i, -i], 1).float(), "token_id": i.int(), "row": i, "pos": i.int()},
-        )
-        listed.append({"file": name, "tokens": n, "batches": s + 1})
-    write_json(
-        path / "meta.json",
-        {
-            "provenance": {"modules": ["m"]},
-            "dtype": "float32",
-            "d_in": {"m": 2},
-            "shard_tokens": n,
-            "shards": listed,
-            "batches": shards,
-            "tokens": shards * n,
-            "complete": True,
-        },
-    )
-    return ActivationCache(path)
+    i = torch.arange(shards * n)
+    return handmade_cache(path, list(torch.stack([i, -i], 1).float().split(n)))
 
 
 def test_batches_serve_every_token_once_per_pass(tmp_path, gen):
@@ -336,8 +472,12 @@ def test_training_reuses_the_cache_and_trains_the_same_sae(tmp_path, corpus, mon
     metrics = json.loads((tmp_path / "second" / "metrics.json").read_text())
     assert metrics["peak_rss_gb"] >= metrics["peak_rss_gb_harvest_train"] > 0.1
     assert "peak memory of harvest + training: host " in capsys.readouterr().out
-    if in_memory:  # one module: the cache holds exactly what the in-memory harvest holds
-        pl.run_training(_job(tmp_path, corpus, "uncached", in_memory=True, cache_dir=None))
+    if in_memory:  # one module: the cache holds exactly what an in-memory harvest of its whole batches holds
+        tokens = ActivationCache(tmp_path / "cache").tokens
+        assert tokens >= 2048
+        pl.run_training(
+            _job(tmp_path, corpus, "uncached", in_memory=True, cache_dir=None, harvest_tokens=tokens)
+        )
         for key, value in _weights(tmp_path / "first").items():
             assert torch.equal(value, _weights(tmp_path / "uncached")[key]), key
 

@@ -222,25 +222,28 @@ def test_torchrun_shards_the_data_rank_0_writes_and_sigterm_then_resume_is_exact
         assert torch.equal(a[key], b[key]), key
 
 
-def test_torchrun_with_an_activation_cache_rank_0_harvests_and_every_rank_reads_its_share(tmp_path, corpus):
+def test_torchrun_with_an_activation_cache_every_rank_harvests_and_reads_its_share(tmp_path, corpus):
     cache = tmp_path / "cache"
     _run(_torchrun(corpus, tmp_path / "run", "train.in_memory=false", f"train.cache_dir={cache}"))
     meta = json.loads((cache / "meta.json").read_text())
-    assert meta["complete"] and meta["tokens"] >= 4096
+    assert meta["complete"] and meta["tokens"] >= 4096 and "world" not in json.dumps(meta["provenance"])
+    # Each rank harvested its own batches (batch i on rank i % 2) into one shard, listed in batch order.
+    shards = meta["shards"]
+    assert [s["batches"] for s in shards] == [list(range(r, meta["batches"], 2)) for r in range(2)]
     ckpt = tmp_path / "run" / "checkpoint"
     streams = [json.loads((ckpt / f"stream-rank{r}.json").read_text()) for r in range(2)]
     assert all(s["served"] == 200 * 128 for s in streams)  # each rank served its half of every step
-    # The cache has one shard, so rank r reads its tokens r, r + 2, ...: every token in a rank's shuffle buffer
-    # is one of its own (tokens whose activations occur more than once in the cache are not told apart).
-    (shard,) = cache.glob("shard-*.safetensors")
-    acts = next(v for k, v in load_file(str(shard)).items() if k.startswith("acts.")).float()
+    # Two shards, so rank r reads shard r: every token in a rank's shuffle buffer is one of that shard's (tokens
+    # whose activations occur more than once in the cache are not told apart).
     where: dict[tuple, list[int]] = {}
-    for i, row in enumerate(acts.tolist()):
-        where.setdefault(tuple(row), []).append(i)
+    for r, s in enumerate(shards):
+        acts = next(v for k, v in load_file(str(cache / s["file"])).items() if k.startswith("acts.")).float()
+        for row in acts.tolist():
+            where.setdefault(tuple(row), []).append(r)
     for r in range(2):
         rest = load_file(str(ckpt / f"stream-rank{r}.safetensors"))["pass.rest"]
         found = [where[tuple(row)] for row in rest.tolist()]
         unique = [i[0] for i in found if len(i) == 1]
         assert len(unique) > 0.9 * len(rest) > 500
-        assert {i % 2 for i in unique} == {r}
+        assert set(unique) == {r}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["fvu"] < 0.9

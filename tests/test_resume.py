@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import handmade_cache
 
 from sae.checkpoint import find_checkpoint, save_checkpoint
 from sae.config import SAEConfig, TrainConfig
@@ -140,34 +141,8 @@ def test_the_cut_is_where_it_hurts_most(tmp_path):
 
 
 def test_resume_of_a_cache_stream_is_exact(tmp_path):
-    from sae.cache import ActivationCache
-
     x = data(960)
-    path = tmp_path / "cache"
-    path.mkdir()
-    listed = []
-    for s in range(10):
-        name = f"shard-{s:05d}.safetensors"
-        part = x[s * 96 : (s + 1) * 96]
-        zeros = torch.zeros(96, dtype=torch.int32)
-        save_tensors(
-            path / name, {"acts.m": part, "token_id": zeros, "row": zeros.long(), "pos": zeros.clone()}
-        )
-        listed.append({"file": name, "tokens": 96, "batches": s + 1})
-    write_json(
-        path / "meta.json",
-        {
-            "provenance": {"modules": ["m"]},
-            "dtype": "float32",
-            "d_in": {"m": D},
-            "shard_tokens": 96,
-            "shards": listed,
-            "batches": 10,
-            "tokens": 960,
-            "complete": True,
-        },
-    )
-    cache = ActivationCache(path)
+    cache = handmade_cache(tmp_path / "cache", list(x.split(96)))
 
     def make():
         return cache.batches("m", B, STEPS * B, torch.Generator().manual_seed(4), buffer_tokens=200)
