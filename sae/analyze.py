@@ -43,8 +43,9 @@ artefact, and features that fire on it would head the dashboard. Their tokens st
 the windows of later examples.
 
 Statistics of disjoint token sets merge (`FeatureStats.merge`: the shares of data-parallel ranks) into what one
-pass over their union computes: counts, histograms, max and top-k exactly (the sum of activations is float64,
-equal up to the order of the additions); the band samples only approximately, for the reason the bands are
+pass over their union computes: counts, histograms, max and top-k exactly (equal acts, from repeated text, are
+ordered by the tokens' keys, not by arrival; the sum of activations is float64, equal up to the order of the
+additions); the band samples only approximately, for the reason the bands are
 approximate in one pass: each share's samples were drawn in the bands of its own max, and where the union's
 max is larger, they are re-binned as above. Every merged sample lies in its band of the final max, and a
 band's samples are the largest keys among the shares' samples that fall in it. `state` / `from_state` save
@@ -193,6 +194,7 @@ class FeatureStats:
         self.act_sum = torch.zeros(d_sae, dtype=torch.float64)  # [F]
         self.max_act = torch.zeros(d_sae)  # [F]
         self.top_act = torch.zeros(d_sae, k)  # [F, k] in no particular order (`tensors` sorts); 0: empty
+        self.top_score = torch.zeros(d_sae, k, dtype=torch.float64)  # [F, k] the act, ties broken by key
         self.top_row = torch.full((d_sae, k), -1, dtype=torch.long)  # [F, k]
         self.top_pos = torch.full((d_sae, k), -1, dtype=torch.long)  # [F, k]
         self.window_ids = torch.full((d_sae, k, W), -1, dtype=torch.long)  # [F, k, W]; -1 beyond the context
@@ -254,31 +256,32 @@ class FeatureStats:
         if len(grown):
             self._rebin(grown)
 
+        # Every live triple's random key: it samples the bands, and it breaks ties of the top-k (the same text
+        # repeated gives equal acts), so which of equal examples is kept does not hang on the order they come.
+        kn, kt = nt[b].T
+        key = keys(self.cfg.seed, batch.row[kn, kt], batch.pos[kn, kt], f)  # [L]
+        # float32 acts a < a' are at least a * 2^-24 apart, so this keeps their order and orders equal ones.
+        score = a.double() * (1 + key * 2.0**-25)  # [L]
+
         # Top-k candidates: triples that beat their latent's k-th best so far (0 while its top-k has room),
         # grouped by latent, strongest first, at most k per latent.
-        above = a > self.top_act.min(dim=1).values[f]
-        tb, tf, ta = b[above], f[above], a[above]
-        ta, order = ta.sort(descending=True)
-        tb, tf = tb[order], tf[order]
+        ti = (score > self.top_score.min(dim=1).values[f]).nonzero().squeeze(1)
+        ti = ti[score[ti].argsort(descending=True)]
         if self.cfg.per_context:
             # At most `per_context` per (latent, context), its strongest: a context is in one batch only, so
             # this holds for the whole pass.
-            group = tf * used.shape[0] + nt[tb, 0]
-            group, order = group.sort(stable=True)
+            group, order = (f[ti] * used.shape[0] + nt[b[ti], 0]).sort(stable=True)
             _, pick, _, _ = _first_per_group(group, self.cfg.per_context)
-            tb, tf, ta = tb[order][pick], tf[order][pick], ta[order][pick]
-            ta, order = ta.sort(descending=True, stable=True)
-            tb, tf = tb[order], tf[order]
-        tf, order = tf.sort(stable=True)
-        tb, ta = tb[order], ta[order]
-        feats, slot, u, rank = _first_per_group(tf, k)
-        top_row, top_slot, c = _place(self.top_act, 0.0, feats, u, rank, ta[slot])
-        tb, tf, ta = tb[slot][c], tf[slot][c], ta[slot][c]
+            ti = ti[order][pick]
+            ti = ti[score[ti].argsort(descending=True, stable=True)]
+        ti = ti[f[ti].argsort(stable=True)]
+        feats, slot, u, rank = _first_per_group(f[ti], k)
+        top_row, top_slot, c = _place(self.top_score, 0.0, feats, u, rank, score[ti][slot])
+        ti = ti[slot][c]
+        tb, tf, ta = b[ti], f[ti], a[ti]
 
         # Band candidates: triples whose key beats their band's n-th key (-1 while the band has room), grouped
         # by (latent, band), largest key first, at most n per band.
-        kn, kt = nt[b].T
-        key = keys(self.cfg.seed, batch.row[kn, kt], batch.pos[kn, kt], f)  # [L]
         cell = f * nb + band(a, max_act[f], nb)  # [L] (latent, band)
         over = key > self.interval_key.view(F * nb, n).min(dim=1).values[cell]
         bb, bcell, ba, bkey = b[over], cell[over], a[over], key[over]
@@ -297,9 +300,9 @@ class FeatureStats:
         )
         wn, wt = nt[torch.cat([tb, bb])].T
         row, pos = batch.row[wn, wt], batch.pos[wn, wt]
-        top = [self.top_act, self.top_row, self.top_pos, self.window_ids, self.window_acts]
+        top = [self.top_score, self.top_act, self.top_row, self.top_pos, self.window_ids, self.window_acts]
         C = len(tb)
-        for t, v in zip(top, [ta, row[:C], pos[:C], ids[:C], w_acts[:C]]):
+        for t, v in zip(top, [score[ti], ta, row[:C], pos[:C], ids[:C], w_acts[:C]]):
             t[top_row, top_slot] = v
         for t, v in zip(self._bands(), [bkey, ba, row[C:], pos[C:], ids[C:], w_acts[C:]]):
             t.view(F * nb, n, *t.shape[3:])[band_row, band_slot] = v
@@ -374,6 +377,7 @@ class FeatureStats:
         "count",
         "act_sum",
         "max_act",
+        "top_score",
         "top_act",
         "top_row",
         "top_pos",
@@ -417,7 +421,7 @@ class FeatureStats:
         self.hist_counts += other.hist_counts
         self.max_act = torch.maximum(self.max_act, other.max_act)
         k = self.cfg.top_k
-        names = ("top_act", "top_row", "top_pos", "window_ids", "window_acts")
+        names = ("top_score", "top_act", "top_row", "top_pos", "window_ids", "window_acts")
         both = [torch.cat([getattr(self, a), getattr(other, a)], dim=1) for a in names]  # [F, 2k, ...]
         for name, t in zip(names, _sorted(both, both[0])):
             setattr(self, name, t[:, :k].clone())
@@ -426,7 +430,7 @@ class FeatureStats:
             for a, b in zip(self._bands(), other._bands())
         ]
         binned = self._binned(both, self.max_act)
-        for name, t in zip(self._STATE[8:14], binned):
+        for name, t in zip(self._STATE[9:15], binned):
             setattr(self, name, t)
 
     def interval_count(self) -> torch.Tensor:
@@ -445,7 +449,8 @@ class FeatureStats:
             "mean_act": (self.act_sum / self.count.clamp_min(1)).float(),
             **dict(
                 zip(
-                    ("top_act", "top_row", "top_pos", "window_ids", "window_acts"), _sorted(top, self.top_act)
+                    ("top_act", "top_row", "top_pos", "window_ids", "window_acts"),
+                    _sorted(top, self.top_score),
                 )
             ),
             **dict(

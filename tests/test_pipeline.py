@@ -85,7 +85,7 @@ def test_cli_writes_a_complete_run_directory(tiny_run):
 
 def test_analyze_cli_rewrites_the_dashboard(tiny_run):
     shutil.rmtree(tiny_run / "dashboard")
-    proc = _run("analyze.py", f"run_dir={tiny_run}", "analyze.top_k=3")
+    proc = _run("analyze.py", f"run_dir={tiny_run}", "analyze.top_k=3", "analyze.tokens=2048")
     assert f"dashboard: {tiny_run / 'dashboard' / 'index.html'}" in proc.stdout
     analysis = json.loads((tiny_run / "analysis" / "features.json").read_text())
     assert max(len(f["examples"]) for f in analysis["features"]) == 3
@@ -192,7 +192,7 @@ def test_every_architecture_trains_saves_reloads_and_analyses_from_the_cli(every
     assert json.loads((run / "run.json").read_text())["sae"]["arch"] == arch
     assert (run / "dashboard" / "index.html").exists() and list((run / "wandb").glob("offline-run-*"))
     shutil.rmtree(run / "dashboard")
-    _run("analyze.py", f"run_dir={run}")
+    _run("analyze.py", f"run_dir={run}", "analyze.tokens=2048")
     assert f"{arch} SAE, d_sae 128" in (run / "dashboard" / "index.html").read_text()
 
 
@@ -207,7 +207,7 @@ def test_several_saes_share_one_harvest_across_two_hooks(every_arch_run):
     )
     # Re-analysing the block-1 SAE reads block 1, not the job's default block.
     sub_run = every_arch_run / "topk-k8-x2-resid.1"
-    _run("analyze.py", f"run_dir={sub_run}")
+    _run("analyze.py", f"run_dir={sub_run}", "analyze.tokens=2048")
     meta = json.loads((sub_run / "analysis" / "features.json").read_text())
     assert meta["hook"] == "model.layers.1" and len(meta["features"][0]["nearest"]) == 8
     summary = json.loads((every_arch_run / "metrics.json").read_text())

@@ -26,7 +26,17 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULE = "model.layers.1"
 CFG = AnalyzeConfig(top_k=4, window_before=3, window_after=2, intervals=4, per_interval=3)
 EXACT = ("density", "max_act", "top_act", "top_row", "top_pos", "window_ids", "window_acts", "hist_counts")
-"""What a merge of shares reproduces bit for bit (`mean_act` is a float64 sum, equal up to rounding order)."""
+"""What a merge of shares reproduces bit for bit, equal acts included (the same text repeated: ties are broken by
+the tokens' keys). `mean_act` is a float64 sum, equal up to the order of the additions; the band samples, and
+`interval_count`, which is at least the samples a band holds, are approximate."""
+
+
+@pytest.fixture(scope="module")
+def small(corpus, tmp_path_factory) -> Path:
+    """Twelve rows of the Wikipedia slice (one held out): about 250 context batches of 4 x 32 tokens."""
+    path = tmp_path_factory.mktemp("small") / "wiki.jsonl"
+    path.write_text("".join(corpus.read_text().splitlines(keepends=True)[:12]))
+    return path
 
 
 def data(corpus: Path) -> DataConfig:
@@ -71,46 +81,44 @@ def assert_bands_hold_real_tokens(stats: FeatureStats, firings: dict) -> None:
         assert firings[key] == act.item()
 
 
-def test_two_shares_merged_equal_one_pass_over_both(tiny, corpus):
+def test_two_shares_merged_equal_one_pass_over_both(tiny, small):
     model, tokenizer = tiny
     sae = SAE(64, 48, 4, seed=2)
     one, shares = FeatureStats(48, CFG), [FeatureStats(48, CFG), FeatureStats(48, CFG)]
     firings = {}
-    contexts = packed_contexts(data(corpus), tokenizer, "train", 4)
-    for i, (x, batch, used) in enumerate(harvest.activations(model, MODULE, contexts, 20_000)):
+    contexts = packed_contexts(data(small), tokenizer, "train", 4)
+    for i, (x, batch, used) in enumerate(harvest.activations(model, MODULE, contexts, 8000)):
         code = sae.encode(x)
         one.update(code, used, batch)
         shares[i % 2].update(code, used, batch)
         n, t = used.nonzero().T
-        for b, f in (code.acts > 0).nonzero().tolist():
-            firings[(code.idx[b, f].item(), batch.row[n[b], t[b]].item(), batch.pos[n[b], t[b]].item())] = (
-                code.acts[b, f].item()
-            )
+        b, j = (code.acts > 0).nonzero().T
+        triples = zip(code.idx[b, j].tolist(), batch.row[n[b], t[b]].tolist(), batch.pos[n[b], t[b]].tolist())
+        firings.update(zip(triples, code.acts[b, j].tolist()))
     merged = shares[0]
     merged.merge(shares[1])
     a, b = merged.tensors(), one.tensors()
-    assert merged.tokens == one.tokens > 10_000
-    assert_same(a, b, EXACT + ("interval_count",))
+    assert merged.tokens == one.tokens > 6000
+    assert_same(a, b, EXACT)
     torch.testing.assert_close(a["mean_act"], b["mean_act"], rtol=1e-6, atol=0)
     assert not torch.equal(shares[1].count, one.count)  # the shares held different tokens
-    # Band samples: exactness is impossible (each share sampled in the bands of its own max); the weaker
-    # property holds, and where a feature's max was in both... the samples are real tokens of their band.
+    # Band samples cannot be exact (each share sampled in the bands of its own max): the weaker property.
     assert_bands_hold_real_tokens(merged, firings)
 
 
-def test_harvested_batches_are_encoded_without_a_forward_and_give_what_forwards_give(tiny, corpus, tmp_path):
+def test_harvested_batches_are_encoded_without_a_forward_and_give_what_forwards_give(tiny, small, tmp_path):
     model, tokenizer = tiny
     kept: list = []
-    contexts = packed_contexts(data(corpus), tokenizer, "train", 4)
+    contexts = packed_contexts(data(small), tokenizer, "train", 4)
     acts = harvest.harvest_tensors(model, [MODULE], contexts, 3000, 0.0, progress=False, kept=kept)[MODULE]
     assert 0 < len(kept) and sum(int(u.sum()) for _, u in kept) < len(acts)  # the last batch was cut
     forwards = []
     handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
     try:
         cfg = AnalyzeConfig(**{**vars(CFG), "tokens": 8000})
-        replayed = run_pass(tiny, corpus, tmp_path / "a", cfg, replay=scan.replay_in_memory(acts, kept))
+        replayed = run_pass(tiny, small, tmp_path / "a", cfg, replay=scan.replay_in_memory(acts, kept))
         n_replayed = len(forwards)
-        forwarded = run_pass(tiny, corpus, tmp_path / "b", cfg)
+        forwarded = run_pass(tiny, small, tmp_path / "b", cfg)
     finally:
         handle.remove()
     batches = len(forwards) - n_replayed
@@ -119,44 +127,44 @@ def test_harvested_batches_are_encoded_without_a_forward_and_give_what_forwards_
 
 
 def test_the_token_bound_cuts_after_the_batch_that_reaches_it_and_all_reads_both_splits(
-    tiny, corpus, tmp_path
+    tiny, small, tmp_path
 ):
     model, tokenizer = tiny
     first = CFG.skip_positions + 1  # positions 1..skip_positions after BOS count nowhere
-    batches = [b for split in ("train", "test") for b in packed_contexts(data(corpus), tokenizer, split, 4)]
+    batches = [b for split in ("train", "test") for b in packed_contexts(data(small), tokenizer, split, 4)]
     text, counted = [int(b.mask.sum()) for b in batches], [int(b.mask[:, first:].sum()) for b in batches]
-    bounded = run_pass(tiny, corpus, tmp_path / "a", AnalyzeConfig(**{**vars(CFG), "tokens": text[0] + 1}))
+    bounded = run_pass(tiny, small, tmp_path / "a", AnalyzeConfig(**{**vars(CFG), "tokens": text[0] + 1}))
     assert bounded.tokens == counted[0] + counted[1]
-    whole = run_pass(tiny, corpus, tmp_path / "b")
+    whole = run_pass(tiny, small, tmp_path / "b")
     assert whole.tokens == sum(counted)
     rows = whole.top_row[whole.top_act > 0]
     assert (rows % 10 == 9).any() and (rows % 10 != 9).any()  # held-out rows and training rows
 
 
-def test_an_interrupted_pass_resumes_exactly_and_refuses_other_settings(tiny, corpus, tmp_path):
+def test_an_interrupted_pass_resumes_exactly_and_refuses_other_settings(tiny, small, tmp_path):
     model, _ = tiny
-    reference = run_pass(tiny, corpus, tmp_path / "ref")
+    reference = run_pass(tiny, small, tmp_path / "ref")
     cfg = AnalyzeConfig(**{**vars(CFG), "checkpoint_every": 3})
-    calls = []
+    calls, crash_at = [], [20]
 
     def crash(*_):
         calls.append(1)
-        if len(calls) == 20:
+        if len(calls) == crash_at[0]:
             raise KeyboardInterrupt
 
     handle = model.register_forward_pre_hook(crash)
     try:
         with pytest.raises(KeyboardInterrupt):
-            run_pass(tiny, corpus, tmp_path, cfg)
+            run_pass(tiny, small, tmp_path, cfg)
+        with pytest.raises(ValueError, match=r"analyze.top_k: 4 -> 5.*without resume=true"):
+            run_pass(tiny, small, tmp_path, AnalyzeConfig(**{**vars(cfg), "top_k": 5}), resume=True)
+        calls.clear()
+        crash_at[0] = 0  # no second interruption
+        resumed = run_pass(tiny, small, tmp_path, cfg, resume=True)
     finally:
         handle.remove()
-    (state,) = (tmp_path / "state").glob("rank-*.safetensors")
-    with pytest.raises(ValueError, match=r"analyze.top_k: 4 -> 5.*without resume=true"):
-        run_pass(tiny, corpus, tmp_path, AnalyzeConfig(**{**vars(cfg), "top_k": 5}), resume=True)
-    calls.clear()
-    resumed = run_pass(tiny, corpus, tmp_path, cfg, resume=True)
     assert_same(resumed.tensors(), reference.tensors())
-    batches = len([b for s in ("train", "test") for b in packed_contexts(data(corpus), tiny[1], s, 4)])
+    batches = len([b for s in ("train", "test") for b in packed_contexts(data(small), tiny[1], s, 4)])
     assert len(calls) == batches - 18  # the 18 batches of the last saved state did not run again
 
 
@@ -194,15 +202,15 @@ def _run(cmd: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, corpus) -> Path:
+def trained(tmp_path_factory, small) -> Path:
     """A finished tiny run, not analysed."""
     tmp = tmp_path_factory.mktemp("trained")
-    job = tiny_job(tmp, corpus, data={"context_size": 32})
+    job = tiny_job(tmp, small, data={"context_size": 32})
     run_training(job)
     return Path(job.run_dir)
 
 
-ARGS = ("analyze.top_k=4", "analyze.intervals=4", "analyze.per_interval=3", "analyze.tokens=60000")
+ARGS = ("analyze.top_k=4", "analyze.intervals=4", "analyze.per_interval=3")
 
 
 def _features(run_dir: Path) -> dict:
@@ -250,7 +258,7 @@ def test_two_gloo_processes_under_torchrun_equal_one_process(trained, tmp_path):
     out = _run(_analyze(two, *ARGS, procs=2))
     assert out.count("dashboard:") == 1  # rank 0 writes
     a, b = _features(two), _features(one)
-    assert_same(a, b, EXACT + ("interval_count",))
+    assert_same(a, b, EXACT)
     torch.testing.assert_close(a["mean_act"], b["mean_act"], rtol=1e-6, atol=0)
     meta = json.loads((two / "analysis" / "features.json").read_text())
     assert meta["n_tokens"] == json.loads((one / "analysis" / "features.json").read_text())["n_tokens"]
