@@ -3,6 +3,7 @@
     python bench/harvest.py                                  # SmolLM2-135M, block 15, bf16 where fast
     python bench/harvest.py model.layer=6 model.dtype=float32 --batches 12
     python bench/harvest.py --sae runs/demo                  # a trained SAE (random TopK otherwise)
+    python bench/harvest.py model.device=cuda model.dtype=bfloat16 model.batch_size=256   # a GPU's batch
 
 Three ways to get the activations of block L for the same packed contexts:
 - ours: `sae.harvest.activations` (forward stopped by a hook after block L, specials masked, float32 out);
@@ -15,33 +16,47 @@ Prints tokens/s of each and the ratios ours/limit, ours/full and analysis/encode
 batch timed for all of them in turn (absolute figures on shared machines are noise; the ratios are the
 result). A random SAE fires unlike a trained one, so prefer `--sae`; the output says which was used. Few
 batches favour the costly start of an analysis, while every latent's top-k still has room.
+
+Also prints the model FLOP/s of ours, the limit and the full model, and on a GPU their fraction of its dense
+bf16 peak (`bench/gpu.py`). A forward costs 2 FLOPs per parameter it multiplies by, per token: blocks 0..L for
+ours and the limit, every block plus the unembedding for the full model (embedding lookups and attention's
+2 x 2 x T x D per block and token, 4% of a SmolLM2 block at T = 128, are not counted).
 """
 
 import argparse
 import copy
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from sae import harvest
-from sae.analyze import FeatureStats
-from sae.config import AnalyzeConfig, DataConfig, ModelConfig
-from sae.data import packed_contexts
-from sae.model import SAE
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gpu  # noqa: E402  (bench/gpu.py)
+
+from sae import harvest  # noqa: E402
+from sae.analyze import FeatureStats  # noqa: E402
+from sae.config import AnalyzeConfig, DataConfig, ModelConfig  # noqa: E402
+from sae.data import packed_contexts  # noqa: E402
+from sae.model import SAE  # noqa: E402
 
 
-def _timed(fns: dict, batches) -> dict[str, list[float]]:
+def _timed(fns: dict, batches, device: torch.device) -> dict[str, list[float]]:
     """Seconds each of `fns` takes on each batch after the first (a warm-up), interleaved batch by batch in a
-    rotating order so that load from other jobs on a shared machine falls on all of them alike."""
+    rotating order so that load from other jobs on a shared machine falls on all of them alike. The clock
+    stops once `device` has finished the work queued."""
     for fn in fns.values():
         fn(batches[0])
+    gpu.synchronize(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
     for i, b in enumerate(batches[1:]):
         for name in names[i % len(names) :] + names[: i % len(names)]:
             start = time.perf_counter()
             fns[name](b)
+            gpu.synchronize(device)
             times[name].append(time.perf_counter() - start)
     return times
 
@@ -115,12 +130,16 @@ def main() -> None:
         x, batch, used = next(harvest.activations(model, module, [b], max_norm_ratio=cfg.max_norm_ratio))
         code = sae.encode(x)
         sae.decode(code)
+        gpu.synchronize(model.device)
         start = time.perf_counter()
         stats.update(code, used, batch)
+        gpu.synchronize(model.device)
         update_s.append(time.perf_counter() - start)
 
-    times = _timed(dict(ours=ours, limit=limit, full=full, encode=encode, analysis=analysis), batches)
+    fns = dict(ours=ours, limit=limit, full=full, encode=encode, analysis=analysis)
+    times = _timed(fns, batches, model.device)
     n_tok = [int(b.mask.sum()) for b in batches[1:]]
+    tok_s = {name: statistics.median(n / t for n, t in zip(n_tok, ts)) for name, ts in times.items()}
 
     def faster(a: str, b: str) -> float:  # how many times faster a runs than b, the median over batches
         return statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))
@@ -130,8 +149,20 @@ def main() -> None:
         f"{args.batches} batches x {cfg.batch_size} contexts, {tokens} text tokens (medians over batches)"
     )
     print(f"SAE {sae.arch}, d_sae {sae.d_sae}, k {sae.k}: {which}")
-    for name, ts in times.items():
-        print(f"{name:>8}: {statistics.median(n / t for n, t in zip(n_tok, ts)):9.0f} tok/s")
+    for name in times:
+        print(f"{name:>8}: {tok_s[name]:9.0f} tok/s")
+    run_params = sum(p.numel() for p in layers[: layer + 1].parameters())  # `layers`: all blocks
+    full_params = sum(p.numel() for p in layers.parameters()) + model.get_output_embeddings().weight.numel()
+    print(
+        f"FLOPs per token: 2 x {run_params / 1e6:.2f}M parameters of blocks 0..{layer} (ours, limit), "
+        f"2 x {full_params / 1e6:.2f}M of all blocks and the unembedding (full)"
+    )
+    dtype = next(model.parameters()).dtype
+    for name, params in (("ours", run_params), ("limit", run_params), ("full", full_params)):
+        achieved = tok_s[name] * 2 * params
+        print(
+            f"{name:>8}: {achieved / 1e12:9.4g} TFLOP/s, {gpu.peak_fraction(achieved, model.device, dtype)}"
+        )
     print(
         f"ours / limit = {faster('ours', 'limit'):.2f}   ours / full-model hook = {faster('ours', 'full'):.2f}"
     )

@@ -61,20 +61,37 @@ def held_out(reconstruct: Reconstruct, x: torch.Tensor, d_sae: int) -> dict:
     }
 
 
-def ours(arch: str, x: torch.Tensor, d_sae: int, k: int, tokens: int, batch_size: int, seed: int, **train_kw):
-    """Trains our SAE on x; returns (reconstruct, training seconds). `train_kw`: further TrainConfig fields."""
+def ours(
+    arch: str,
+    x: torch.Tensor,
+    d_sae: int,
+    k: int,
+    tokens: int,
+    batch_size: int,
+    seed: int,
+    device: str | torch.device = "cpu",
+    log: Callable[[dict, int], None] | None = None,
+    **train_kw,
+):
+    """Trains our SAE on x on `device`; returns (reconstruct, training seconds). `log` receives the metrics
+    of the first and the last step; `train_kw`: further TrainConfig fields. `reconstruct` takes and returns
+    tensors on the caller's device, whatever `device` is."""
     d_in = x.shape[1]
     sae_cfg = SAEConfig(arch=arch, expansion_factor=d_sae // d_in, k=k)
     cfg = TrainConfig(
         tokens=tokens, batch_size=batch_size, seed=seed, log_every=10**9, eval_every=0, **train_kw
     )
     start = time.perf_counter()
-    sae = train(sae_cfg, cfg, batches(x, batch_size, tokens, seed))
+    sae = train(
+        sae_cfg, cfg, batches(x, batch_size, tokens, seed), log=log or (lambda m, s: None), device=device
+    )
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)  # kernels run asynchronously: the clock stops when they are done
     seconds = time.perf_counter() - start
 
     def reconstruct(chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        code = sae.encode(chunk)
-        return sae.decode(code), sae.dense(code)
+        code = sae.encode(chunk.to(device))
+        return sae.decode(code).to(chunk.device), sae.dense(code).to(chunk.device)
 
     return reconstruct, seconds
 

@@ -1,7 +1,13 @@
-"""Shared fixtures: the tiny random Llama with its byte-level tokenizer, a few English sentences, and a
-slice of the real Wikipedia sample as a local corpus."""
+"""Shared fixtures: the device under test, the tiny random Llama with its byte-level tokenizer, a few English
+sentences, and a slice of the real Wikipedia sample as a local corpus.
+
+Tests where a GPU changes behaviour (SAE forward and backward, training steps, harvest, evaluation) take the
+`device` fixture: the CPU unless `SAE_TEST_DEVICE` names another, e.g. `SAE_TEST_DEVICE=cuda python -m pytest`
+(what `bench/gpu.sh` runs on a CUDA machine). The rest run on the CPU whatever it says.
+"""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -49,10 +55,62 @@ SENTENCES = [
 ]
 
 
+DEVICE_VARIABLE = "SAE_TEST_DEVICE"
+
+
+def device_under_test() -> torch.device:
+    """The device `$SAE_TEST_DEVICE` names (default cpu): `cpu`, `cuda` (cuda:0) or `cuda:N`. Raises
+    pytest.UsageError naming the value when it is no torch device, or a CUDA one this machine does not have."""
+    value = os.environ.get(DEVICE_VARIABLE) or "cpu"
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise pytest.UsageError(
+            f"{DEVICE_VARIABLE}={value!r} is not a torch device: use cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise pytest.UsageError(f"{DEVICE_VARIABLE}={value!r}: the tests run on cpu or cuda[:N] only")
+    if not torch.cuda.is_available():
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a build without CUDA"
+        raise pytest.UsageError(
+            f"{DEVICE_VARIABLE}={value!r}, but CUDA is not available here (torch {torch.__version__}, {built}); "
+            f"unset {DEVICE_VARIABLE} to test on the CPU"
+        )
+    # `cuda` is the current device, cuda:0 in a fresh process (torch.cuda.current_device() would set up
+    # CUDA in the pytest process before any test, and forked processes could not use it after that).
+    index = device.index if device.index is not None else 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise pytest.UsageError(
+            f"{DEVICE_VARIABLE}={value!r}, but this machine has {count} CUDA device(s): cuda:0 .. cuda:{count - 1}"
+        )
+    return torch.device("cuda", index)  # with its index, so that it equals the device of tensors placed on it
+
+
+def pytest_configure(config) -> None:
+    device_under_test()  # a bad SAE_TEST_DEVICE stops the session before the first test, not at each one
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device under test (`$SAE_TEST_DEVICE`, default cpu)."""
+    return device_under_test()
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer): the 4-block random Llama in float32 on the CPU, eval mode, no gradients."""
     return load_model(ModelConfig(name="tiny", dtype="float32", device="cpu"))
+
+
+@pytest.fixture(scope="session")
+def tiny_on_device(tiny, device):
+    """(model, tokenizer): the tiny random Llama of `tiny` (the same weights, float32) on the device under test."""
+    if device.type == "cpu":
+        return tiny
+    return load_model(ModelConfig(name="tiny", dtype="float32", device=str(device)))
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,7 @@
-"""Hooking a module by name, stopping the forward early, and the activation streams."""
+"""Hooking a module by name, stopping the forward early, and the activation streams.
+
+Capture and harvest run the tiny model on the device under test (`tiny_on_device`, `$SAE_TEST_DEVICE`);
+naming modules and the host-side streams (shuffle buffer, epochs, prefetch) run on the CPU."""
 
 import itertools
 import math
@@ -24,26 +27,26 @@ def batch(tiny, sentences):
     return next(packed_contexts(DataConfig(context_size=32), tokenizer, "train", 3, rows=rows))
 
 
-def test_load_model_tiny(tiny):
-    model, tokenizer = tiny
+def test_load_model_tiny(tiny_on_device, device):
+    model, tokenizer = tiny_on_device
     assert not model.training
     assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
-    assert model.device.type == "cpu"
+    assert model.device == device
     assert len(tokenizer) == model.config.vocab_size == 258
 
 
 @pytest.mark.parametrize("layer", [0, 1, 2])
-def test_capture_equals_hidden_states(tiny, batch, layer):
-    model, _ = tiny
+def test_capture_equals_hidden_states(tiny_on_device, batch, layer):
+    model, _ = tiny_on_device
     name = resolve(model, layer=layer)
     acts = harvest.capture(model, [name], batch.ids)[name]
     assert acts.shape == (3, 32, 64) and acts.dtype == torch.float32
-    reference = model(batch.ids, output_hidden_states=True).hidden_states[layer + 1]
+    reference = model(batch.ids.to(model.device), output_hidden_states=True).hidden_states[layer + 1]
     torch.testing.assert_close(acts, reference)
 
 
-def test_capture_stops_after_the_hooked_block(tiny, batch):
-    model, _ = tiny
+def test_capture_stops_after_the_hooked_block(tiny_on_device, batch):
+    model, _ = tiny_on_device
     name = resolve(model, layer=1)
     calls = []
     later = {"block 2": model.model.layers[2], "final norm": model.model.norm, "lm_head": model.lm_head}
@@ -51,15 +54,15 @@ def test_capture_stops_after_the_hooked_block(tiny, batch):
     try:
         harvest.capture(model, [name], batch.ids)
         assert calls == []
-        model(batch.ids)  # the hooks do fire on a full forward pass
+        model(batch.ids.to(model.device))  # the hooks do fire on a full forward pass
         assert calls == list(later)
     finally:
         for h in handles:
             h.remove()
 
 
-def test_capture_removes_its_hooks(tiny, batch):
-    model, _ = tiny
+def test_capture_removes_its_hooks(tiny_on_device, batch):
+    model, _ = tiny_on_device
     name = resolve(model, layer=2)
     module = model.get_submodule(name)
     before = len(module._forward_hooks)
@@ -67,12 +70,12 @@ def test_capture_removes_its_hooks(tiny, batch):
     assert len(module._forward_hooks) == before
 
 
-def test_capture_several_modules(tiny, batch):
-    model, _ = tiny
+def test_capture_several_modules(tiny_on_device, batch):
+    model, _ = tiny_on_device
     names = [resolve(model, layer=0), "model.layers.2.mlp", resolve(model, layer=2)]
     out = harvest.capture(model, names, batch.ids)
     assert set(out) == set(names)
-    hidden = model(batch.ids, output_hidden_states=True).hidden_states
+    hidden = model(batch.ids.to(model.device), output_hidden_states=True).hidden_states
     torch.testing.assert_close(out["model.layers.0"], hidden[1])
     torch.testing.assert_close(out["model.layers.2"], hidden[3])
     assert out["model.layers.2.mlp"].shape == (3, 32, 64)
@@ -104,8 +107,8 @@ def test_resolve_module_layer_out_of_range(tiny, kw, given):
     assert given in str(err.value) and "0..3" in str(err.value)
 
 
-def test_activations_drop_masked_positions(tiny, sentences):
-    model, tokenizer = tiny
+def test_activations_drop_masked_positions(tiny_on_device, sentences):
+    model, tokenizer = tiny_on_device
     name = resolve(model, layer=2)
     rows = [{"text": s} for s in sentences]
     contexts = list(packed_contexts(DataConfig(context_size=16), tokenizer, "train", 2, rows=rows))
@@ -116,11 +119,12 @@ def test_activations_drop_masked_positions(tiny, sentences):
         assert x.dtype == torch.float32 and x.shape == (int(c.mask.sum()), 64)
         assert torch.equal(used, c.mask)
         assert (~c.mask).any()  # there were positions to drop
-        torch.testing.assert_close(x, harvest.capture(model, [name], c.ids)[name][c.mask])
+        assert x.device == model.device
+        torch.testing.assert_close(x, harvest.capture(model, [name], c.ids)[name][c.mask.to(model.device)])
 
 
-def test_activations_stop_after_max_tokens(tiny, sentences):
-    model, tokenizer = tiny
+def test_activations_stop_after_max_tokens(tiny_on_device, sentences):
+    model, tokenizer = tiny_on_device
     rows = [{"text": s} for s in sentences]
     contexts = list(packed_contexts(DataConfig(context_size=16), tokenizer, "train", 2, rows=rows))
     per_batch = [int(c.mask.sum()) for c in contexts]
@@ -128,8 +132,8 @@ def test_activations_stop_after_max_tokens(tiny, sentences):
     assert [len(x) for x, _, _ in out] == per_batch[:2]
 
 
-def test_keep_rows_drops_massive_activations():
-    x = torch.randn(100, 8, generator=torch.Generator().manual_seed(0))
+def test_keep_rows_drops_massive_activations(device):
+    x = torch.randn(100, 8, generator=torch.Generator().manual_seed(0)).to(device)
     x[[3, 50]] *= 1000
     keep = harvest.keep_rows(x, 10.0)
     assert keep.sum() == 98 and not keep[3] and not keep[50]
@@ -137,10 +141,10 @@ def test_keep_rows_drops_massive_activations():
     assert harvest.keep_rows(x[:0], 10.0).shape == (0,)
 
 
-def test_activations_skip_outliers_and_mark_them_unused(tiny, batch):
-    model, _ = tiny
+def test_activations_skip_outliers_and_mark_them_unused(tiny_on_device, batch):
+    model, _ = tiny_on_device
     name = "model.layers.1"
-    full = harvest.capture(model, [name], batch.ids)[name][batch.mask]
+    full = harvest.capture(model, [name], batch.ids)[name][batch.mask.to(model.device)]
     ratio = full.norm(dim=1).median().item()
     # A ratio just under the largest norm's multiple of the median drops at least that token.
     limit = full.norm(dim=1).max().item() / ratio * 0.999
@@ -149,7 +153,7 @@ def test_activations_skip_outliers_and_mark_them_unused(tiny, batch):
     assert int(used.sum()) == len(x)
     assert (used <= batch.mask).all()
     acts = harvest.capture(model, [name], batch.ids)[name]
-    torch.testing.assert_close(x, acts[used])
+    torch.testing.assert_close(x, acts[used.to(model.device)])
 
 
 def numbered(n: int, d: int = 3) -> torch.Tensor:
@@ -205,9 +209,10 @@ def test_epochs_raises_with_fewer_tokens_than_a_batch(gen):
         next(stream.epochs(numbered(10), batch_size=16, tokens=100, generator=gen))
 
 
-def test_resolve_dtype_and_device():
+def test_resolve_dtype_and_device(device):
     cpu = torch.device("cpu")
     assert devices.resolve_dtype("auto", cpu) in (torch.bfloat16, torch.float32)
+    assert devices.resolve_dtype("auto", device) in (torch.bfloat16, torch.float32)
     assert devices.resolve_dtype("float16", cpu) == torch.float16
     assert devices.resolve_dtype("float32", cpu) == torch.float32
     assert devices.resolve_device("cpu") == cpu
@@ -215,8 +220,8 @@ def test_resolve_dtype_and_device():
     assert devices.resolve_device("auto").type == expected
 
 
-def test_harvest_modules_gives_each_module_what_a_single_hook_harvest_gives(tiny, sentences):
-    model, tokenizer = tiny
+def test_harvest_modules_gives_each_module_what_a_single_hook_harvest_gives(tiny_on_device, sentences):
+    model, tokenizer = tiny_on_device
     rows = [{"text": s} for s in sentences]
 
     def contexts():

@@ -1,4 +1,8 @@
-"""Invariants of the TopK SAE: sparsity, the fast decode path, unit-norm decoder rows, persistence."""
+"""Invariants of the TopK SAE: sparsity, the fast decode path, unit-norm decoder rows, persistence.
+
+SAEs and inputs are made on the CPU (the same numbers everywhere) and moved to the device under test
+(`device`, `$SAE_TEST_DEVICE`) where a GPU runs other kernels: the forward and backward passes, training steps,
+saving what a GPU holds."""
 
 import json
 
@@ -11,22 +15,22 @@ from sae.model import SAE, Code, read_config
 D, F, K = 16, 64, 4
 
 
-def make_sae(seed: int = 0, b_enc: float = 0.0) -> SAE:
+def make_sae(seed: int = 0, b_enc: float = 0.0, device: torch.device | str = "cpu") -> SAE:
     sae = SAE(D, F, K, seed=seed)
     with torch.no_grad():
         sae.b_enc.fill_(b_enc)
         sae.b_dec.copy_(torch.randn(D, generator=torch.Generator().manual_seed(seed + 1)))
-    return sae
+    return sae.to(device)
 
 
-def rand(*shape: int, seed: int = 0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+def rand(*shape: int, seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def test_encode_keeps_exactly_k_largest_latents():
+def test_encode_keeps_exactly_k_largest_latents(device):
     # A large positive b_enc keeps every pre-activation above zero, so ReLU cannot drop any of the K.
-    sae = make_sae(b_enc=10.0)
-    x = rand(32, D)
+    sae = make_sae(b_enc=10.0, device=device)
+    x = rand(32, D, device=device)
     code = sae.encode(x)
     assert code.acts.shape == code.idx.shape == (32, K)
     z = sae.dense(code)
@@ -39,9 +43,9 @@ def test_encode_keeps_exactly_k_largest_latents():
     torch.testing.assert_close(pre.gather(1, code.idx), code.acts)
 
 
-def test_encode_has_at_most_k_non_negative_latents_on_typical_data():
-    sae = make_sae(b_enc=0.0)
-    x = rand(256, D, seed=3)
+def test_encode_has_at_most_k_non_negative_latents_on_typical_data(device):
+    sae = make_sae(b_enc=0.0, device=device)
+    x = rand(256, D, seed=3, device=device)
     code = sae.encode(x)
     z = sae.dense(code)
     nonzero = (z != 0).sum(dim=1)
@@ -52,10 +56,10 @@ def test_encode_has_at_most_k_non_negative_latents_on_typical_data():
     assert all(len(set(row)) == K for row in code.idx.tolist())
 
 
-def test_relu_zeros_negative_latents_before_topk():
+def test_relu_zeros_negative_latents_before_topk(device):
     # A negative b_enc leaves fewer than K positive pre-activations on many tokens: those stay at zero.
-    sae = make_sae(b_enc=-1.5)
-    x = rand(256, D, seed=5)
+    sae = make_sae(b_enc=-1.5, device=device)
+    x = rand(256, D, seed=5, device=device)
     raw = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # [B, F] before ReLU
     code = sae.encode(x)
     assert (code.acts >= 0).all()
@@ -64,9 +68,9 @@ def test_relu_zeros_negative_latents_before_topk():
     assert torch.equal((sae.dense(code) > 0).sum(dim=1), positive)
 
 
-def test_forward_equals_decode_of_encode():
-    sae = make_sae(b_enc=0.1)
-    x = rand(64, D, seed=1)
+def test_forward_equals_decode_of_encode(device):
+    sae = make_sae(b_enc=0.1, device=device)
+    x = rand(64, D, seed=1, device=device)
     out = sae(x)
     code = sae.encode(x)
     torch.testing.assert_close(out.x_hat, sae.decode(code), rtol=0, atol=0)
@@ -75,16 +79,16 @@ def test_forward_equals_decode_of_encode():
     assert out.x_hat.shape == x.shape
 
 
-def test_sparse_decode_equals_dense_reference():
-    sae = make_sae(b_enc=0.5)
-    code = sae.encode(rand(50, D, seed=2))
+def test_sparse_decode_equals_dense_reference(device):
+    sae = make_sae(b_enc=0.5, device=device)
+    code = sae.encode(rand(50, D, seed=2, device=device))
     reference = sae.dense(code) @ sae.W_dec + sae.b_dec  # [B, F] @ [F, D]
     torch.testing.assert_close(sae.decode(code), reference, rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_decode_gradients_equal_dense_reference():
-    sae = make_sae(b_enc=0.5)
-    x = rand(40, D, seed=4)
+def test_sparse_decode_gradients_equal_dense_reference(device):
+    sae = make_sae(b_enc=0.5, device=device)
+    x = rand(40, D, seed=4, device=device)
 
     def grads(decode):
         sae.zero_grad(set_to_none=True)
@@ -124,32 +128,34 @@ def test_normalize_decoder_gives_unit_rows():
     torch.testing.assert_close(sae.W_dec, direction)  # only the norm changed
 
 
-def test_decoder_rows_stay_unit_norm_through_training_steps():
-    sae = make_sae(b_enc=0.1)
+def test_decoder_rows_stay_unit_norm_through_training_steps(device):
+    sae = make_sae(b_enc=0.1, device=device)
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     before = sae.W_dec.detach().clone()
     for step in range(5):
-        x = rand(64, D, seed=10 + step)
+        x = rand(64, D, seed=10 + step, device=device)
         out = sae(x)
         opt.zero_grad()
         fvu(x, out.x_hat).backward()
         sae.remove_parallel_grad()
         opt.step()
         sae.normalize_decoder()
-        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F))
+        torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(F, device=device))
     assert (sae.W_dec - before).abs().max() > 1e-3  # the steps did move the decoder
 
 
-def test_remove_parallel_grad_leaves_orthogonal_gradients():
-    sae = make_sae(b_enc=0.1)
-    x = rand(64, D, seed=7)
+def test_remove_parallel_grad_leaves_orthogonal_gradients(device):
+    sae = make_sae(b_enc=0.1, device=device)
+    x = rand(64, D, seed=7, device=device)
     fvu(x, sae(x).x_hat).backward()
     grad = sae.W_dec.grad.clone()
     along = (grad * sae.W_dec).sum(dim=1)
     assert along.abs().max() > 1e-4  # the raw gradient does have a parallel part
     sae.remove_parallel_grad()
     after = sae.W_dec.grad
-    torch.testing.assert_close((after * sae.W_dec).sum(dim=1), torch.zeros(F), atol=1e-7, rtol=0)
+    torch.testing.assert_close(
+        (after * sae.W_dec).sum(dim=1), torch.zeros(F, device=device), atol=1e-7, rtol=0
+    )
     # Exactly the parallel part is removed.
     torch.testing.assert_close(after, grad - along[:, None] * sae.W_dec)
 
@@ -160,10 +166,10 @@ def test_remove_parallel_grad_without_gradient_is_a_no_op():
     assert sae.W_dec.grad is None
 
 
-def test_save_load_round_trip(tmp_path):
-    sae = make_sae(seed=3, b_enc=0.2)
+def test_save_load_round_trip(tmp_path, device):
+    sae = make_sae(seed=3, b_enc=0.2, device=device)
     with torch.no_grad():
-        sae.W_enc.add_(0.01 * rand(D, F, seed=9))  # no longer the decoder's transpose
+        sae.W_enc.add_(0.01 * rand(D, F, seed=9, device=device))  # no longer the decoder's transpose
     extra = {"hook": "model.layers.2", "model": "tiny", "d_in": D}
     sae.save(tmp_path / "run", extra=extra)
     assert {p.name for p in (tmp_path / "run").iterdir()} == {"sae.safetensors", "cfg.json"}
@@ -171,11 +177,11 @@ def test_save_load_round_trip(tmp_path):
     assert cfg == {"arch": "topk", "d_in": D, "d_sae": F, "k": K} | extra
     assert read_config(tmp_path / "run") == cfg
 
-    loaded = SAE.load(tmp_path / "run")
+    loaded = SAE.load(tmp_path / "run", device=device)
     assert (loaded.d_in, loaded.d_sae, loaded.k) == (D, F, K)
     for name, p in sae.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], p), name
-    x = rand(20, D, seed=8)
+    x = rand(20, D, seed=8, device=device)
     a, b = sae(x), loaded(x)
     assert torch.equal(a.x_hat, b.x_hat) and torch.equal(a.idx, b.idx) and torch.equal(a.acts, b.acts)
 
@@ -218,19 +224,19 @@ def _dense_topk_loss(sae: SAE, x: torch.Tensor, dead: torch.Tensor, auxk_coef: f
 
     x_hat = top(pre, K) @ sae.W_dec + sae.b_dec
     loss = fvu(x, x_hat) + fvu(x, top(pre, 4 * K) @ sae.W_dec + sae.b_dec) / 8
-    is_dead = torch.zeros(F, dtype=torch.bool)
+    is_dead = torch.zeros(F, dtype=torch.bool, device=x.device)
     is_dead[dead] = True
     e_hat = top(pre.masked_fill(~is_dead, -1e9), min(D // 2, len(dead))).clamp_min(0) @ sae.W_dec
     return loss + auxk_coef * fvu((x - x_hat).detach(), e_hat)
 
 
-def test_sparse_topk_step_has_the_dense_gradients():
+def test_sparse_topk_step_has_the_dense_gradients(device):
     # The sparse encoder backward and the embedding-bag decoder give every parameter the gradient of the
     # dense computation, AuxK and Multi-TopK included.
-    sae = make_sae(seed=3, b_enc=0.1)
-    ref = make_sae(seed=3, b_enc=0.1)
-    x = 2 * rand(64, D, seed=4)
-    dead = torch.tensor([3, 5, 17, 40, 63])
+    sae = make_sae(seed=3, b_enc=0.1, device=device)
+    ref = make_sae(seed=3, b_enc=0.1, device=device)
+    x = 2 * rand(64, D, seed=4, device=device)
+    dead = torch.tensor([3, 5, 17, 40, 63], device=device)
     out = sae.step(x, dead, auxk_coef=0.5, multi_topk=True)
     assert set(out.losses) == {"fvu", "fvu_4k", "auxk"}
     torch.stack(list(out.losses.values())).sum().backward()
@@ -241,19 +247,19 @@ def test_sparse_topk_step_has_the_dense_gradients():
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
-def test_a_latent_chosen_twice_gets_both_gradients():
+def test_a_latent_chosen_twice_gets_both_gradients(device):
     # A dead latent can be among a token's top k and among its AuxK candidates: its two gradients add up.
-    sae = make_sae(seed=5, b_enc=10.0)  # every pre-activation positive
-    x = rand(8, D, seed=6)
+    sae = make_sae(seed=5, b_enc=10.0, device=device)  # every pre-activation positive
+    x = rand(8, D, seed=6, device=device)
     top = sae.pre_acts(x).topk(K, dim=1).indices[:, 0]  # one latent each token keeps
     dead = top.unique()
     out = sae.step(x, dead, auxk_coef=1.0)
     torch.stack(list(out.losses.values())).sum().backward()
-    ref = make_sae(seed=5, b_enc=10.0)
+    ref = make_sae(seed=5, b_enc=10.0, device=device)
     pre = torch.relu((x - ref.b_dec) @ ref.W_enc + ref.b_enc)
     v, i = pre.topk(K, dim=1)
     x_hat = torch.zeros_like(pre).scatter(1, i, v) @ ref.W_dec + ref.b_dec
-    is_dead = torch.zeros(F, dtype=torch.bool)
+    is_dead = torch.zeros(F, dtype=torch.bool, device=device)
     is_dead[dead] = True
     va, ia = pre.masked_fill(~is_dead, -1e9).topk(min(D // 2, len(dead)), dim=1)
     e_hat = torch.zeros_like(pre).scatter(1, ia, va.clamp_min(0)) @ ref.W_dec
@@ -262,14 +268,14 @@ def test_a_latent_chosen_twice_gets_both_gradients():
     torch.testing.assert_close(sae.b_enc.grad, ref.b_enc.grad)
 
 
-def test_bf16_step_keeps_fp32_weights_and_is_close_to_fp32():
-    sae = make_sae(seed=7, b_enc=0.1)
-    x = 2 * rand(256, D, seed=8)
+def test_bf16_step_keeps_fp32_weights_and_is_close_to_fp32(device):
+    sae = make_sae(seed=7, b_enc=0.1, device=device)
+    x = 2 * rand(256, D, seed=8, device=device)
     exact = sae.step(x)
     exact.losses["fvu"].backward()
     grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
     sae.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         mixed = sae.step(x)
     assert mixed.losses["fvu"].dtype == mixed.x_hat.dtype == torch.float32
     mixed.losses["fvu"].backward()

@@ -1,4 +1,7 @@
-"""The training loop: loss falls, schedule, b_dec init, AuxK, checkpoints; and the metrics it reports."""
+"""The training loop: loss falls, schedule, b_dec init, AuxK, checkpoints; and the metrics it reports.
+
+Training, harvest and the spliced-in loss run on the device under test (`device`, `$SAE_TEST_DEVICE`), from
+data made on the CPU; the schedule, the metrics and other pure functions on the CPU."""
 
 import json
 
@@ -29,19 +32,25 @@ def sparse_data(n_atoms: int = 64, active: int = 3, seed: int = 0):
         yield z @ dictionary + offset
 
 
-def run(steps: int = 60, data=None, sae_cfg: SAEConfig | None = None, **kw):
-    """Trains on `data` (default: sparse_data()) for `steps` steps; returns (sae, {step: metrics})."""
+def run(
+    steps: int = 60,
+    data=None,
+    sae_cfg: SAEConfig | None = None,
+    device: torch.device | str = "cpu",
+    **kw,
+):
+    """Trains on `data` (default: sparse_data()) for `steps` steps on `device`; returns (sae, {step: metrics})."""
     logged: dict[int, dict] = {}
     kw = {"warmup_steps": 5, "log_every": 10, "dead_tokens": 10**9} | kw
     cfg = TrainConfig(tokens=steps * B, batch_size=B, **kw)
     sae_cfg = sae_cfg or SAEConfig(expansion_factor=4, k=4)
     data = sparse_data() if data is None else data
-    sae = train(sae_cfg, cfg, data, log=lambda m, s: logged.__setitem__(s, m))
+    sae = train(sae_cfg, cfg, data, log=lambda m, s: logged.__setitem__(s, m), device=device)
     return sae, logged
 
 
-def test_fvu_falls_on_sparse_data():
-    sae, logged = run(60)
+def test_fvu_falls_on_sparse_data(device):
+    sae, logged = run(60, device=device)
     assert sorted(logged) == [0, 10, 20, 30, 40, 50, 59]
     first, last = logged[0], logged[59]
     assert last["train/fvu"] < 0.35 * first["train/fvu"]
@@ -51,14 +60,14 @@ def test_fvu_falls_on_sparse_data():
     assert (sae.d_in, sae.d_sae, sae.k) == (D, 4 * D, 4)
     # Unit-norm rows in the scaled input space; the returned SAE folds the input scale into them.
     scale = D**0.5 / next(sparse_data()).norm(dim=1).mean()
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae) / scale)
+    torch.testing.assert_close(sae.W_dec.norm(dim=1).cpu(), torch.ones(sae.d_sae) / scale)
     # The trained SAE reconstructs fresh data about as well as its last training batches.
-    x = next(sparse_data(seed=0))
+    x = next(sparse_data(seed=0)).to(device)
     assert fvu(x, sae(x).x_hat) < 0.3
 
 
-def test_fvu_falls_on_activations_of_the_tiny_model(tiny, sentences):
-    model, tokenizer = tiny
+def test_fvu_falls_on_activations_of_the_tiny_model(tiny_on_device, sentences, device):
+    model, tokenizer = tiny_on_device
     rows = [{"text": s} for s in sentences]
     contexts = packed_contexts(DataConfig(context_size=32), tokenizer, "train", 4, rows=rows)
     x = torch.cat([a for a, _, _ in harvest.activations(model, "model.layers.2", contexts)])
@@ -66,37 +75,49 @@ def test_fvu_falls_on_activations_of_the_tiny_model(tiny, sentences):
     batches = stream.epochs(x, 128, 80 * 128, torch.Generator().manual_seed(0))
     cfg = TrainConfig(tokens=80 * 128, batch_size=128, warmup_steps=5, log_every=10, dead_tokens=10**9)
     logged = {}
-    sae = train(SAEConfig(expansion_factor=2, k=8), cfg, batches, log=lambda m, s: logged.__setitem__(s, m))
+    sae = train(
+        SAEConfig(expansion_factor=2, k=8),
+        cfg,
+        batches,
+        log=lambda m, s: logged.__setitem__(s, m),
+        device=device,
+    )
     assert sae.d_in == 64 and sae.d_sae == 128
     assert logged[79]["train/fvu"] < 0.4 * logged[0]["train/fvu"]
 
 
-def test_training_is_reproducible_from_the_seed():
-    a, _ = run(5, data=sparse_data(seed=1), seed=3)
-    b, _ = run(5, data=sparse_data(seed=1), seed=3)
-    c, _ = run(5, data=sparse_data(seed=1), seed=4)
-    assert torch.equal(a.W_dec, b.W_dec)
+def test_training_is_reproducible_from_the_seed(device):
+    a, _ = run(5, data=sparse_data(seed=1), device=device, seed=3)
+    b, _ = run(5, data=sparse_data(seed=1), device=device, seed=3)
+    c, _ = run(5, data=sparse_data(seed=1), device=device, seed=4)
+    if device.type == "cpu":
+        assert torch.equal(a.W_dec, b.W_dec)
+    else:
+        # CUDA sums the sparse gradients with atomic additions, in an order that changes from run to run, so
+        # two runs of the same seed agree to float rounding, not bit for bit.
+        torch.testing.assert_close(a.W_dec, b.W_dec, rtol=1e-4, atol=1e-5)
     assert not torch.equal(a.W_dec, c.W_dec)
 
 
-def test_training_stops_when_the_data_ends():
+def test_training_stops_when_the_data_ends(device):
     data = iter([torch.randn(B, D) for _ in range(7)])
-    sae, logged = run(100, data=data, log_every=3)
+    sae, logged = run(100, data=data, device=device, log_every=3)
     assert max(logged) == 6
     assert logged[6]["train/tokens"] == 7 * B
 
 
-def test_train_on_empty_iterable_raises():
+def test_train_on_empty_iterable_raises(device):
     with pytest.raises(ValueError, match="no activation batches"):
-        train(SAEConfig(k=4), TrainConfig(), [])
+        train(SAEConfig(k=4), TrainConfig(), [], device=device)
 
 
 @pytest.mark.parametrize("init", ["geometric_median", "mean", "zeros"])
-def test_b_dec_init(init):
+def test_b_dec_init(init, device):
     first = next(sparse_data(seed=2))
-    sae, _ = run(1, data=iter([first]), sae_cfg=SAEConfig(expansion_factor=4, k=4, b_dec_init=init), lr=1e-9)
+    sae_cfg = SAEConfig(expansion_factor=4, k=4, b_dec_init=init)
+    sae, _ = run(1, data=iter([first]), sae_cfg=sae_cfg, device=device, lr=1e-9)
     expected = {"geometric_median": geometric_median(first), "mean": first.mean(0), "zeros": torch.zeros(D)}
-    torch.testing.assert_close(sae.b_dec.detach(), expected[init], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sae.b_dec.detach().cpu(), expected[init], atol=1e-5, rtol=0)
 
 
 def test_geometric_median_is_robust_to_outliers():
@@ -145,10 +166,10 @@ def test_default_lr_scales_as_inverse_sqrt_width():
     assert default_lr(2**12) == pytest.approx(2e-3)
 
 
-def test_auxk_kicks_in_when_latents_are_dead():
+def test_auxk_kicks_in_when_latents_are_dead(device):
     # Data on only 8 directions leaves most of 64 latents unused; a latent idle for one batch counts as dead.
     few = sparse_data(n_atoms=8, active=2)
-    _, logged = run(40, data=few, log_every=5, dead_tokens=B)
+    _, logged = run(40, data=few, device=device, log_every=5, dead_tokens=B)
     assert max(m["train/dead_fraction"] for m in logged.values()) > 0.1
     assert sum(m["train/auxk"] > 0 for m in logged.values()) >= 3
     for m in logged.values():
@@ -156,19 +177,20 @@ def test_auxk_kicks_in_when_latents_are_dead():
             m["train/fvu"] + m["train/auxk"], rel=1e-5
         )  # terms are weighted
     # The same run with a long dead window never uses AuxK.
-    _, logged = run(40, data=sparse_data(n_atoms=8, active=2), log_every=5)
+    _, logged = run(40, data=sparse_data(n_atoms=8, active=2), device=device, log_every=5)
     assert all(m["train/auxk"] == 0 and m["train/dead_fraction"] == 0 for m in logged.values())
 
 
-def test_a_latent_is_dead_after_dead_tokens_without_firing():
+def test_a_latent_is_dead_after_dead_tokens_without_firing(device):
     # Never-fired latents have waited s * B tokens at step s, so with dead_tokens = 3B they die at step 3.
-    _, logged = run(6, data=sparse_data(n_atoms=8, active=2), log_every=1, dead_tokens=3 * B)
+    few = sparse_data(n_atoms=8, active=2)
+    _, logged = run(6, data=few, device=device, log_every=1, dead_tokens=3 * B)
     assert [logged[s]["train/dead_fraction"] for s in range(3)] == [0.0, 0.0, 0.0]
     assert [logged[s]["train/auxk"] for s in range(3)] == [0.0, 0.0, 0.0]
     assert logged[3]["train/dead_fraction"] > 0.1 and logged[3]["train/auxk"] > 0
 
 
-def test_training_steps_remove_parallel_gradients(monkeypatch):
+def test_training_steps_remove_parallel_gradients(monkeypatch, device):
     calls = []
     original = SAE.remove_parallel_grad
 
@@ -177,16 +199,16 @@ def test_training_steps_remove_parallel_gradients(monkeypatch):
         calls.append((sae.W_dec.grad * sae.W_dec).sum(dim=1).abs().max().item())
 
     monkeypatch.setattr(SAE, "remove_parallel_grad", spy)
-    sae, _ = run(8, normalize_inputs=False)
+    sae, _ = run(8, device=device, normalize_inputs=False)
     assert len(calls) == 8 and max(calls) < 1e-6
-    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(sae.d_sae))
+    torch.testing.assert_close(sae.W_dec.norm(dim=1).cpu(), torch.ones(sae.d_sae))
 
 
-def test_auxk_loss_trains_only_dead_latents():
-    sae = SAE(D, 64, 4)
-    x = next(sparse_data())
+def test_auxk_loss_trains_only_dead_latents(device):
+    sae = SAE(D, 64, 4).to(device)
+    x = next(sparse_data()).to(device)
     out = sae(x)
-    dead = torch.tensor([5, 9, 30])
+    dead = torch.tensor([5, 9, 30], device=device)
     loss = sae.auxk(x, out.x_hat.detach(), sae.pre_acts(x), dead)
     assert loss > 0
     loss.backward()
@@ -195,7 +217,7 @@ def test_auxk_loss_trains_only_dead_latents():
     assert set(sae.encoder.grad.abs().sum(dim=1).nonzero().flatten().tolist()) <= {5, 9, 30}
 
 
-def test_checkpoint_dir_holds_weights_optimizer_and_state(tmp_path):
+def test_checkpoint_dir_holds_weights_optimizer_and_state(tmp_path, device):
     ckpt = tmp_path / "ckpt"
     seen = {}
 
@@ -204,7 +226,9 @@ def test_checkpoint_dir_holds_weights_optimizer_and_state(tmp_path):
             seen[step] = json.loads((ckpt / "state.json").read_text())
 
     cfg = TrainConfig(tokens=30 * B, batch_size=B, log_every=10, checkpoint_every=20, warmup_steps=2)
-    sae = train(SAEConfig(expansion_factor=4, k=4), cfg, sparse_data(), log=log, checkpoint_dir=ckpt)
+    sae = train(
+        SAEConfig(expansion_factor=4, k=4), cfg, sparse_data(), log=log, checkpoint_dir=ckpt, device=device
+    )
     scale = D**0.5 / next(sparse_data()).norm(dim=1).mean().item()
     assert seen[20] | {"input_scale": 0} == {
         "step": 20,
@@ -228,8 +252,8 @@ def test_checkpoint_dir_holds_weights_optimizer_and_state(tmp_path):
     state = json.loads((ckpt / "state.json").read_text())
     assert (state["step"], state["tokens"], state["input_scale"]) == (30, 30 * B, pytest.approx(scale))
     # The checkpoint holds the SAE of the scaled inputs; the returned one takes raw activations.
-    loaded = SAE.load(ckpt)
-    x = next(sparse_data(seed=5))
+    loaded = SAE.load(ckpt, device=device)
+    x = next(sparse_data(seed=5)).to(device)
     torch.testing.assert_close(loaded(x * scale).x_hat / scale, sae(x).x_hat, rtol=1e-4, atol=1e-4)
     moments = load_file(str(ckpt / "optimizer.safetensors"))
     for name, p in sae.named_parameters():
@@ -238,13 +262,14 @@ def test_checkpoint_dir_holds_weights_optimizer_and_state(tmp_path):
     assert moments["W_dec.exp_avg_sq"].abs().sum() > 0
 
 
-def test_checkpoint_state_counts_the_steps_taken_when_data_ends_early(tmp_path):
+def test_checkpoint_state_counts_the_steps_taken_when_data_ends_early(tmp_path, device):
     data = iter([torch.randn(B, D) for _ in range(5)])
     train(
         SAEConfig(expansion_factor=4, k=4),
         TrainConfig(tokens=50 * B, batch_size=B),
         data,
         checkpoint_dir=tmp_path,
+        device=device,
     )
     state = json.loads((tmp_path / "state.json").read_text())
     assert (state["step"], state["tokens"]) == (5, 5 * B)
@@ -271,6 +296,7 @@ def test_fvu_l0_firing_counts_dead_fraction():
 def next_token_loss(model, ids, mask, module=None, replace=None) -> tuple[float, int]:
     """Reference for `spliced_losses`: (summed next-token CE, scored targets) on contexts ids [N, T], with
     `module`'s output at text positions replaced by `replace(acts [B, D])` when given."""
+    ids, mask = ids.to(model.device), mask.to(model.device)
     handle = None
     if module is not None:
 
@@ -291,8 +317,8 @@ def next_token_loss(model, ids, mask, module=None, replace=None) -> tuple[float,
     return ce.item(), len(targets)
 
 
-def test_next_token_loss_with_identity_splice_equals_clean(tiny, sentences):
-    model, tokenizer = tiny
+def test_next_token_loss_with_identity_splice_equals_clean(tiny_on_device, sentences):
+    model, tokenizer = tiny_on_device
     rows = [{"text": s} for s in sentences]
     batch = next(packed_contexts(DataConfig(context_size=32), tokenizer, "train", 2, rows=rows))
     hooks = len(model.model.layers[1]._forward_hooks)  # transformers may keep its own capturing hooks
@@ -315,8 +341,8 @@ def test_explained_variance_is_uncentered():
     assert explained_variance(x, mean).item() == pytest.approx(expected.item()) and expected > 0.8
 
 
-def test_spliced_losses_kl_is_zero_for_identity_and_positive_for_zero_ablation(tiny, sentences):
-    model, tokenizer = tiny
+def test_spliced_losses_kl_is_zero_for_identity_and_positive_for_zero_ablation(tiny_on_device, sentences):
+    model, tokenizer = tiny_on_device
     rows = [{"text": s} for s in sentences]
     batch = next(packed_contexts(DataConfig(context_size=32), tokenizer, "train", 2, rows=rows))
     out = spliced_losses(
@@ -328,8 +354,8 @@ def test_spliced_losses_kl_is_zero_for_identity_and_positive_for_zero_ablation(t
     assert out["kl_zero"] > 0.01 * n
 
 
-def test_spliced_losses_in_chunks_of_contexts_equal_one_pass(tiny, sentences):
-    model, tokenizer = tiny
+def test_spliced_losses_in_chunks_of_contexts_equal_one_pass(tiny_on_device, sentences):
+    model, tokenizer = tiny_on_device
     rows = [{"text": s} for s in sentences]
     batch = next(packed_contexts(DataConfig(context_size=32), tokenizer, "train", 5, rows=rows))
     replacements = {"zero": torch.zeros_like}
@@ -341,11 +367,11 @@ def test_spliced_losses_in_chunks_of_contexts_equal_one_pass(tiny, sentences):
         assert chunked[key] == pytest.approx(whole[key], rel=1e-5)
 
 
-def test_in_training_evaluation_logs_density_histograms_and_receives_raw_units():
+def test_in_training_evaluation_logs_density_histograms_and_receives_raw_units(device):
     seen, logged = [], {}
 
     def evaluate(reconstruct):
-        x = next(sparse_data())
+        x = next(sparse_data()).to(device)
         seen.append(fvu(x, reconstruct(x)).item())  # raw activations in, raw reconstructions out
         return {"probe": 1.0}
 
@@ -357,6 +383,7 @@ def test_in_training_evaluation_logs_density_histograms_and_receives_raw_units()
         cfg,
         sparse_data(),
         log=lambda m, s: logged.setdefault(s, {}).update(m),
+        device=device,
         evaluate=evaluate,
     )
     assert len(seen) == 2 and seen[-1] < 0.5  # at steps 9 and 19; not after the last step
@@ -369,7 +396,7 @@ def test_in_training_evaluation_logs_density_histograms_and_receives_raw_units()
     assert 0 <= logged[10]["train/dense_fraction"] <= 1 and logged[10]["train/tokens_per_second"] > 0
 
 
-def test_gradient_clipping_bounds_the_step(monkeypatch):
+def test_gradient_clipping_bounds_the_step(monkeypatch, device):
     norms = []
     original = torch.nn.utils.clip_grad_norm_
 
@@ -379,7 +406,7 @@ def test_gradient_clipping_bounds_the_step(monkeypatch):
         norms.append(torch.cat([p.grad.flatten() for p in params if p.grad is not None]).norm().item())
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
-    run(5, grad_clip=1e-3)
+    run(5, device=device, grad_clip=1e-3)
     assert len(norms) == 5 and max(norms) <= 1e-3 * 1.001
 
 
@@ -393,7 +420,7 @@ def test_compiled_training_step_matches_eager():
     torch.testing.assert_close(compiled(data[0]).x_hat, eager(data[0]).x_hat, rtol=1e-4, atol=1e-4)
 
 
-def test_the_hot_loop_reads_nothing_back_between_log_steps(monkeypatch):
+def test_the_hot_loop_reads_nothing_back_between_log_steps(monkeypatch, device):
     # Reading a tensor's value (.item(), bool(), .tolist(), .nonzero()) makes the host wait for the device.
     # The loop does so only at log steps: runs of 10 and 40 steps with one log in between read back equally
     # often.
@@ -409,24 +436,24 @@ def test_the_hot_loop_reads_nothing_back_between_log_steps(monkeypatch):
     counts = []
     for steps in (10, 40):
         reads.clear()
-        run(steps, log_every=1000, dead_tokens=B)  # AuxK on: most latents die after one batch
+        run(steps, device=device, log_every=1000, dead_tokens=B)  # AuxK on: most latents die after one batch
         counts.append(len(reads))
     assert counts[0] == counts[1] > 0
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
-def test_training_precision(precision):
-    sae, logged = run(60, precision=precision)
+def test_training_precision(precision, device):
+    sae, logged = run(60, device=device, precision=precision)
     assert all(p.dtype == torch.float32 for p in sae.parameters())
     assert logged[59]["train/fvu"] < 0.3
-    x = next(sparse_data(seed=0))
+    x = next(sparse_data(seed=0)).to(device)
     assert fvu(x, sae(x).x_hat) < 0.3
 
 
-def test_bf16_training_reaches_the_fp32_quality():
-    exact, _ = run(60, precision="float32")
-    mixed, _ = run(60, precision="bfloat16")
-    x = next(sparse_data(seed=5))
+def test_bf16_training_reaches_the_fp32_quality(device):
+    exact, _ = run(60, device=device, precision="float32")
+    mixed, _ = run(60, device=device, precision="bfloat16")
+    x = next(sparse_data(seed=5)).to(device)
     with torch.no_grad():
         assert fvu(x, mixed(x).x_hat).item() == pytest.approx(fvu(x, exact(x).x_hat).item(), rel=0.1)
 
@@ -438,13 +465,19 @@ def _poisoned(at: int, value: float = float("nan")):
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, value):
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, value, device):
     # Batch 25 is poisoned; checkpoints every 10 steps; the check at log step 30 stops the run.
     cfg = TrainConfig(
         tokens=60 * B, batch_size=B, warmup_steps=5, log_every=10, checkpoint_every=10, dead_tokens=10**9
     )
     with pytest.raises(TrainingDiverged, match=r"between steps 20 and 29.*step 20\) is in") as caught:
-        train(SAEConfig(expansion_factor=4, k=4), cfg, _poisoned(25, value), checkpoint_dir=tmp_path / "ckpt")
+        train(
+            SAEConfig(expansion_factor=4, k=4),
+            cfg,
+            _poisoned(25, value),
+            checkpoint_dir=tmp_path / "ckpt",
+            device=device,
+        )
     assert caught.value.checkpoint == tmp_path / "ckpt"
     state = json.loads((tmp_path / "ckpt" / "state.json").read_text())
     assert state["step"] == 20
@@ -452,7 +485,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
-def test_divergence_before_any_checkpoint_says_so():
+def test_divergence_before_any_checkpoint_says_so(device):
     with pytest.raises(TrainingDiverged, match="no checkpoint was written") as caught:
-        run(20, data=_poisoned(3), log_every=5)
+        run(20, data=_poisoned(3), device=device, log_every=5)
     assert caught.value.checkpoint is None
