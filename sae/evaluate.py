@@ -29,8 +29,11 @@ def held_out_pass(
     model_cfg: ModelConfig,
     data: DataConfig,
     tokens: int,
+    keep: list | None = None,
 ) -> dict:
-    """One pass over held-out tokens: FVU, L0 and dead fraction."""
+    """One pass over held-out tokens: FVU, L0 and dead fraction. `keep`, when given, receives each batch as
+    (index, acts [B, D] float32 on the CPU, contexts, used): the held-out batches an analysis then encodes
+    without a second forward (`scan.analysis_pass`)."""
     device = next(sae.parameters()).device
     sq_err = sum_x2 = l0_sum = 0.0
     sum_x = torch.zeros(sae.d_in, dtype=torch.float64)
@@ -38,7 +41,10 @@ def held_out_pass(
     counts = torch.zeros(sae.d_sae, device=device)
     contexts = packed_contexts(data, tokenizer, "test", model_cfg.batch_size)
     with tqdm(total=tokens, desc="held-out", unit="tok", unit_scale=True) as bar:
-        for x, batch, _ in harvest.activations(model, module, contexts, tokens, model_cfg.max_norm_ratio):
+        batches = harvest.activations(model, module, contexts, tokens, model_cfg.max_norm_ratio)
+        for i, (x, batch, used) in enumerate(batches):
+            if keep is not None:
+                keep.append((i, x.cpu(), batch, used))
             x = x.to(device)  # [B, D]
             code = sae.encode(x)
             x_hat = sae.decode(code)
@@ -159,11 +165,11 @@ def _logits(
     return logits[:, :-1][mask[:, 1:]].float()
 
 
-def evaluate_sae(sae: SAE, model, tokenizer, module: str, job: TrainJob) -> dict:
+def evaluate_sae(sae: SAE, model, tokenizer, module: str, job: TrainJob, keep: list | None = None) -> dict:
     """The held-out metrics of a trained SAE (`job.eval`): FVU, L0, dead fraction, and the spliced-in loss on
-    `eval.loss_contexts` contexts."""
+    `eval.loss_contexts` contexts. `keep`: as in `held_out_pass`."""
     device = next(sae.parameters()).device
-    metrics = held_out_pass(sae, model, tokenizer, module, job.model, job.data, job.eval.tokens)
+    metrics = held_out_pass(sae, model, tokenizer, module, job.model, job.data, job.eval.tokens, keep)
     if job.eval.loss_contexts:
         metrics |= loss_recovered(
             lambda x: sae(x.to(device)).x_hat,

@@ -166,11 +166,12 @@ def _train_one(
             )
         finally:
             ahead.close()  # stops the producer before this thread runs the model
+        held_out: list = []  # the held-out batches the evaluation harvests, analysed without a second forward
         if rank == 0:
-            trained = {
-                f"{k}_harvest_train": v for k, v in devices.peak_memory().items()
-            }  # before evaluation's
-            metrics = evaluate_sae(sae, s.model, s.tokenizer, module, cfg)
+            trained = {f"{k}_harvest_train": v for k, v in devices.peak_memory().items()}  # before evaluation
+            metrics = evaluate_sae(
+                sae, s.model, s.tokenizer, module, cfg, held_out if cfg.do_analyze else None
+            )
             if metrics["fvu"] > DIVERGED_FVU:
                 what = f"the held-out FVU is {metrics['fvu']:.3g} with {metrics['dead_fraction']:.0%} dead latents"
                 raise TrainingDiverged(diverged_message(what, cfg.train, sae.d_sae), None)
@@ -190,7 +191,9 @@ def _train_one(
                 rank,
                 world,
                 cfg.resume,
+                held_out,
             )
+        held_out.clear()
         if rank != 0:
             return {}
         metrics |= trained | devices.peak_memory()
@@ -456,6 +459,11 @@ def run_analysis(job: AnalyzeJob) -> Path | None:
     meta = {"model": cfg.model.name, "hook": module, "d_in": sae.d_in}
     path = write_analysis(stats, sae, model, tokenizer, job.analyze, run_dir, meta)
     shutil.rmtree(state_dir)
+    peak = devices.peak_memory()
+    cuda = f", cuda {peak['peak_cuda_gb']:.2f} GiB" if "peak_cuda_gb" in peak else ""
+    print(
+        f"peak memory of the analysis: host {peak['peak_rss_gb']:.2f} GiB RSS{cuda} ({stats.tokens:,} tokens)"
+    )
     return path
 
 

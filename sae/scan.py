@@ -6,9 +6,10 @@ to `analyze.tokens` text tokens (`all`: every batch), cut after the batch that r
 tokens (`Contexts.mask`), which every process knows without running the model. The metrics are not made here:
 they stay on held-out tokens (`sae.evaluate`).
 
-Activations: a training batch already harvested (the in-memory harvest and the activation cache both keep
-each batch's contexts, see `Replay`) is encoded from its harvested activations; the model runs only for the
-other batches, stopped after the hooked module.
+Activations: a batch already harvested (a training batch of the in-memory harvest or the activation cache,
+which both keep each batch's contexts, or a held-out batch of the evaluation just made: see `Replay`) is
+encoded from its harvested activations; the model runs only for the other batches, stopped after the hooked
+module.
 
 Processes: batch i of a split belongs to rank i % world (as in training). Each rank folds its batches into
 its own `FeatureStats` and saves it; rank 0 merges the ranks' statistics in rank order (`FeatureStats.merge`:
@@ -38,9 +39,9 @@ from sae.model import SAE
 from sae.rundir import settings_diff
 
 Replay = Iterable[tuple[int, torch.Tensor, Contexts, torch.Tensor]]
-"""Harvested training batches of one module, in increasing batch order: (index of the batch among the training
-split's context batches, acts [B, D] float32, the batch's contexts [N, T], used [N, T]), as
-`harvest.activations` yields them."""
+"""Harvested batches of one split and module, in increasing batch order: (index of the batch among the split's
+context batches, acts [B, D] float32, the batch's contexts [N, T], used [N, T]), as `harvest.activations`
+yields them."""
 
 
 def replay_in_memory(
@@ -118,10 +119,12 @@ def analysis_pass(
     rank: int = 0,
     world: int = 1,
     resume: bool = False,
+    held_out: Replay = (),
 ) -> FeatureStats | None:
     """The feature statistics of the corpus (see the module docstring): merged on rank 0, None on the others.
-    `replay`: this rank's harvested training batches of `module`, encoded without a forward. Leaves each rank's
-    final state in `state_dir`, for the caller to remove once the analysis is written."""
+    `replay` and `held_out`: harvested training and held-out batches of `module`, encoded without a forward
+    (batches of other ranks among them are passed over). Leaves each rank's final state in `state_dir`, for
+    the caller to remove once the analysis is written."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / f"rank-{rank}-of-{world}.safetensors"
     settings = pass_settings(sae, module, model_cfg, data, cfg)
@@ -131,23 +134,24 @@ def analysis_pass(
     else:
         path.unlink(missing_ok=True)
     device = next(sae.parameters()).device
-    harvested = iter(replay)
-    ahead = next(harvested, None)
+    harvested = {"train": iter(replay), "test": iter(held_out)}
+    ahead: dict = {split: next(it, None) for split, it in harvested.items()}
     tokens = None if cfg.tokens == "all" else int(cfg.tokens)
     since, g = 0, 0
     with tqdm(desc="analysis", unit="tok", unit_scale=True, disable=rank != 0 or done) as bar:
         for g, (split, i, batch) in enumerate(_corpus(data, tokenizer, model_cfg.batch_size, tokens)):
-            while ahead is not None and (split != "train" or ahead[0] < i):
-                ahead = next(harvested, None)
+            while ahead[split] is not None and ahead[split][0] < i:
+                ahead[split] = next(harvested[split], None)
             if done or i % world != rank or g < start:
                 continue
-            if ahead is not None and ahead[0] == i:
-                if not torch.equal(ahead[2].ids, batch.ids):
+            here = ahead[split]
+            if here is not None and here[0] == i:
+                if not torch.equal(here[2].ids, batch.ids):
                     raise RuntimeError(
-                        f"harvested training batch {i} holds other tokens than the corpus gives now: was it "
+                        f"harvested {split} batch {i} holds other tokens than the corpus gives now: was it "
                         "harvested from another corpus or with other packing settings?"
                     )
-                x, used = ahead[1], ahead[3]
+                x, used = here[1], here[3]
             else:
                 xs, used = harvest.capture_kept(model, [module], batch, model_cfg.max_norm_ratio)
                 x = xs[module].float()

@@ -18,6 +18,7 @@ from sae import harvest, scan
 from sae.analyze import FeatureStats, band
 from sae.config import AnalyzeConfig, DataConfig, ModelConfig
 from sae.data import packed_contexts
+from sae.evaluate import held_out_pass
 from sae.model import SAE
 from sae.pipeline import ANALYSIS_STATE, run_training
 from tests.conftest import tiny_job
@@ -123,6 +124,23 @@ def test_harvested_batches_are_encoded_without_a_forward_and_give_what_forwards_
         handle.remove()
     batches = len(forwards) - n_replayed
     assert n_replayed == batches - len(kept)  # only the batches not harvested whole ran the model
+    assert_same(replayed.tensors(), forwarded.tensors())
+
+
+def test_held_out_batches_of_the_evaluation_are_analysed_without_a_second_forward(tiny, small, tmp_path):
+    model, tokenizer = tiny
+    sae, kept = SAE(64, 48, 4, seed=2), []
+    metrics = held_out_pass(sae, model, tokenizer, MODULE, model_cfg(), data(small), 10**6, kept)
+    assert sum(len(x) for _, x, _, _ in kept) == metrics["held_out_tokens"]
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        replayed = run_pass(tiny, small, tmp_path / "a", held_out=kept)
+        n_replayed = len(forwards)
+        forwarded = run_pass(tiny, small, tmp_path / "b")
+    finally:
+        handle.remove()
+    assert n_replayed == len(forwards) - n_replayed - len(kept)
     assert_same(replayed.tensors(), forwarded.tensors())
 
 
