@@ -224,7 +224,8 @@ def test_torchrun_shards_the_data_rank_0_writes_and_sigterm_then_resume_is_exact
 
 def test_torchrun_with_an_activation_cache_every_rank_harvests_and_reads_its_share(tmp_path, corpus):
     cache = tmp_path / "cache"
-    _run(_torchrun(corpus, tmp_path / "run", "train.in_memory=false", f"train.cache_dir={cache}"))
+    analysis = ("do_analyze=true", "analyze.tokens=8192", "analyze.top_k=3")
+    _run(_torchrun(corpus, tmp_path / "run", "train.in_memory=false", f"train.cache_dir={cache}", *analysis))
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["complete"] and meta["tokens"] >= 4096 and "world" not in json.dumps(meta["provenance"])
     # Each rank harvested its own batches (batch i on rank i % 2) into one shard, listed in batch order.
@@ -247,3 +248,8 @@ def test_torchrun_with_an_activation_cache_every_rank_harvests_and_reads_its_sha
         assert len(unique) > 0.9 * len(rest) > 500
         assert set(unique) == {r}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["fvu"] < 0.9
+    # Both ranks analysed their batches (the cached ones replayed), merged on rank 0 into one analysis.
+    features = json.loads((tmp_path / "run" / "analysis" / "features.json").read_text())
+    assert 7500 < features["n_tokens"] < 8192 + 256  # the batch reaching 8192, less the skipped positions
+    assert max(len(f["examples"]) for f in features["features"]) == 3
+    assert not (tmp_path / "run" / "analysis-state").exists()
