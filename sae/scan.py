@@ -75,13 +75,14 @@ def pass_settings(
     """What decides a pass's result, flattened: a resumed pass must have the same (the SAE by its decoder)."""
     flat = {f"analyze.{k}": v for k, v in vars(cfg).items() if k != "checkpoint_every"}
     flat |= {f"data.{k}": v for k, v in vars(data).items()}
-    W = sae.W_dec.detach().double()
+    W = sae.W_dec.detach()
+    total, norm = W.sum(dtype=torch.float64), torch.linalg.vector_norm(W, dtype=torch.float64)
     flat |= {
         "module": module,
         "model.name": model_cfg.name,
         "model.batch_size": model_cfg.batch_size,
         "model.max_norm_ratio": model_cfg.max_norm_ratio,
-        "sae": [sae.d_in, sae.d_sae, round(float(W.sum()), 6), round(float(W.norm()), 6)],
+        "sae": [sae.d_in, sae.d_sae, round(float(total), 6), round(float(norm), 6)],
     }
     return json.loads(json.dumps(flat))
 
