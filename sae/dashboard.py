@@ -13,17 +13,30 @@ from pathlib import Path
 from sae import views
 from sae.views import density_text, token_text
 
-__all__ = ["density_text", "feature_html", "load_analysis", "show", "token_text", "top_features"]
+__all__ = [
+    "analysis_path",
+    "density_text",
+    "feature_html",
+    "load_analysis",
+    "show",
+    "token_text",
+    "top_features",
+]
 
 
-def load_analysis(run_dir: str | Path) -> dict:
-    """Read `run_dir/analysis/features.json`, the result of `analyze.py`."""
+def analysis_path(run_dir: str | Path) -> Path:
+    """`run_dir/analysis/features.json`, the result of `analyze.py`; an error saying what to run if it is missing."""
     path = Path(run_dir) / "analysis" / "features.json"
     if not path.is_file():
         raise FileNotFoundError(
             f"no analysis at {path}: run `python analyze.py run_dir={run_dir}` first to write it"
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    return path
+
+
+def load_analysis(run_dir: str | Path) -> dict:
+    """Read `run_dir/analysis/features.json`, the result of `analyze.py`."""
+    return json.loads(analysis_path(run_dir).read_text(encoding="utf-8"))
 
 
 def top_features(analysis: dict, n: int) -> list[dict]:

@@ -1,28 +1,24 @@
-"""HTML fragments of a feature, shared by the dashboard site (`sae.site`) and the notebook views
-(`sae.dashboard`, `sae.explore`).
+"""HTML fragments of a feature for the notebook views (`sae.dashboard`, `sae.explore`), and the styles they
+share with the dashboard site (`sae.site`).
 
 Fragments carry classes, styled by `CSS` inside an element of class `sae`: every page of the site is one (its
 site.css holds `CSS`), and a notebook output is one that starts with `CSS` in a `<style>` block (`notebook`).
 Every piece of token or analysis text in them is escaped; optional analysis fields (`histogram`, `intervals`,
 `nearest`) are shown where present and in the shapes `sae.analyze` writes, and left out otherwise.
 
-A feature's body (`feature_body`) is drawn for a site page or for a notebook. A page marks only the tokens a
-feature fires on (`marks`) and links its nearest features to their pages; a notebook shades every token inline
-(`shade`), as `sae.explore` shades a text, and draws its histogram as a compact strip of bars.
+A feature's body (`feature_body`) shades every token inline (`shade`), as `sae.explore` shades a text, and
+draws its histogram as a compact strip of bars. The site draws a feature's page in the browser, in the same
+classes (site.js in `sae.site`), since a static page per feature does not scale to 65,536 features.
 """
 
 import functools
 import html
 import math
-from collections.abc import Callable, Mapping
 from typing import Any
 
 HIGHLIGHT = "255,140,0"  # token highlight colour; alpha carries the activation
 _BAR = "#e08a1e"  # histogram bars
 _CENTER = ";outline:1.5px solid #c00;font-weight:bold"  # the activating token of an example, shaded inline
-
-Tokens = Callable[[dict, float], str]
-"""An example's tokens as HTML, given the feature's max activation."""
 
 CSS = f"""\
 .sae .muted,.sae small{{color:#888}}
@@ -56,7 +52,7 @@ def alpha(act: float, max_act: float) -> float:
     return min(max(act / max_act, 0.0), 1.0) if max_act > 0 else 0.0
 
 
-@functools.lru_cache(maxsize=1 << 18)  # tokens repeat across examples and pages; the vocabulary bounds it
+@functools.lru_cache(maxsize=1 << 18)  # tokens repeat across examples and features; the vocabulary bounds it
 def token_text(token: str) -> str:
     """A token as HTML text: escaped, with newlines and tabs shown as ↵ and ⇥."""
     # Newlines and tabs would break the one-line layout of an example; spaces stay (white-space: pre).
@@ -82,19 +78,6 @@ def shades(ex: dict, max_act: float) -> str:
     )
 
 
-def marks(ex: dict, max_act: float) -> str:
-    """An example's tokens for a site page: each token the feature fires on is a span with its activation as
-    background (`--a`, a fraction of max act) and on hover, the activating token is boxed (`c`). Tokens where
-    it is zero stay plain text: at 50 examples a feature, spans on them too would double the size of the site."""
-    parts = []
-    for i, (token, act) in enumerate(zip(ex["tokens"], ex["acts"], strict=True)):
-        attrs = ' class="c"' if i == ex["center"] else ""
-        if act > 0:
-            attrs += f' style="--a:{alpha(act, max_act):.2f}" title="act {act:.2f}"'
-        parts.append(f"<span{attrs}>{token_text(token)}</span>" if attrs else token_text(token))
-    return "".join(parts)
-
-
 def _number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
@@ -110,12 +93,12 @@ def _is_example(x: Any) -> bool:
     return isinstance(tokens, list) and isinstance(acts, list) and len(tokens) == len(acts)
 
 
-def examples(exs: list[dict], max_act: float, tokens: Tokens = marks) -> str:
+def examples(exs: list[dict], max_act: float) -> str:
     """Examples as a table, one a row: activation, tokens, where it stands (row and position in the corpus)."""
     if not exs:
         return '<p class="muted">no examples</p>'
     rows = "".join(
-        f'<tr><td class="v">{ex["act"]:.2f}</td><td class="t">{tokens(ex, max_act)}</td>'
+        f'<tr><td class="v">{ex["act"]:.2f}</td><td class="t">{shades(ex, max_act)}</td>'
         f'<td class="p">row {ex["row"]} · pos {ex["pos"]}</td></tr>'
         for ex in exs
     )
@@ -128,20 +111,6 @@ def stats(f: dict) -> str:
     return f'<h1>Feature {f["id"]}</h1><p class="stats">{line}</p>'
 
 
-def _svg(heights: list[float], titles: list[str]) -> str:
-    width, height = 480, 90
-    step = width / len(heights)
-    bars = "".join(
-        f'<rect x="{i * step:.1f}" y="{height * (1 - h):.1f}" width="{step - 1:.1f}" height="{height * h:.1f}">'
-        f"<title>{title}</title></rect>"
-        for i, (h, title) in enumerate(zip(heights, titles, strict=True))
-    )
-    return (
-        f'<svg class="hist" viewBox="0 0 {width} {height}" width="{width}" height="{height}" role="img"'
-        f' aria-label="activation histogram">{bars}</svg>'
-    )
-
-
 def _strip(heights: list[float], titles: list[str]) -> str:
     bars = "".join(
         f'<div title="{title}" style="height:{max(1, round(40 * h))}px;background:{_BAR}"></div>'
@@ -150,9 +119,9 @@ def _strip(heights: list[float], titles: list[str]) -> str:
     return f'<div class="strip">{bars}</div>'
 
 
-def histogram(hist: Any, chart: bool = True) -> str:
-    """The activation histogram {"counts": [n], "edges": [n + 1]}, as an SVG chart or a strip of bars; heights
-    on a log scale, since counts fall by orders of magnitude from the weakest bin to the strongest."""
+def histogram(hist: Any) -> str:
+    """The activation histogram {"counts": [n], "edges": [n + 1]} as a strip of bars; heights on a log scale,
+    since counts fall by orders of magnitude from the weakest bin to the strongest."""
     counts, edges = (hist.get("counts"), hist.get("edges")) if isinstance(hist, dict) else (None, None)
     if not (isinstance(counts, list) and counts and all(map(_number, counts))):
         return ""
@@ -162,8 +131,7 @@ def histogram(hist: Any, chart: bool = True) -> str:
     heights = [math.log1p(c) / top for c in counts]
     titles = [f"{lo:.3g} – {hi:.3g}: {c:,} tokens" for c, lo, hi in zip(counts, edges, edges[1:])]
     head = f"Activation histogram {edges[0]:.2f} … {edges[-1]:.2f} <small>(log scale)</small>"
-    bars = _svg(heights, titles) if chart else _strip(heights, titles)
-    return f'<h2>{head}</h2>{bars}<p class="muted">{sum(counts):,} activations</p>'
+    return f'<h2>{head}</h2>{_strip(heights, titles)}<p class="muted">{sum(counts):,} activations</p>'
 
 
 def _pills(label: str, pairs: list, cls: str) -> str:
@@ -178,7 +146,7 @@ def logits(f: dict) -> str:
     return "<h2>Logit lens</h2>" + "".join(parts) if parts else ""
 
 
-def bands(intervals: Any, max_act: float, tokens: Tokens = marks) -> str:
+def bands(intervals: Any, max_act: float) -> str:
     """Samples by activation band, [{"lo", "hi", "count", "examples"}, ...], strongest first; bands with
     neither tokens nor examples left out."""
     valid = [
@@ -192,42 +160,30 @@ def bands(intervals: Any, max_act: float, tokens: Tokens = marks) -> str:
         if not count and not exs:
             continue
         head = f"act {band['lo']:.2f} – {band['hi']:.2f}" + (f" · {count:,} tokens" if count else "")
-        parts.append(f"<h3>{head}</h3>{examples(exs, max_act, tokens)}")
+        parts.append(f"<h3>{head}</h3>{examples(exs, max_act)}")
     return "<h2>Samples by activation band</h2>" + "".join(parts) if parts else ""
 
 
-def _neighbour(fid: int, cos: float, names: Mapping[int, list[str]] | None) -> str:
-    if names is None:
-        return f"#{fid} <small>{cos:.2f}</small>"
-    link = f'<a href="{fid}.html">#{fid}</a>' if fid in names else f"#{fid}"
-    tokens = "".join(f' <span class="pill">{token_text(t)}</span>' for t in names.get(fid, []))
-    return f"{link}{tokens} <small>cos {cos:.2f}</small>"
-
-
-def nearest(pairs: Any, names: Mapping[int, list[str]] | None = None) -> str:
-    """Nearest features by decoder cosine, [[id, cos], ...]; with `names` (the site's features, each with its
-    first top token), linked to their pages and named."""
+def nearest(pairs: Any) -> str:
+    """Nearest features by decoder cosine, [[id, cos], ...]."""
     valid = [p for p in _list(pairs) if isinstance(p, list | tuple) and len(p) == 2 and all(map(_number, p))]
-    items = "".join(f"<li>{_neighbour(int(i), c, names)}</li>" for i, c in valid)
+    items = "".join(f"<li>#{int(i)} <small>{c:.2f}</small></li>" for i, c in valid)
     if not items:
         return ""
     return f'<h2>Nearest features <small>(decoder cosine)</small></h2><ol class="near">{items}</ol>'
 
 
-def feature_body(f: dict, names: Mapping[int, list[str]] | None = None) -> str:
+def feature_body(f: dict) -> str:
     """A feature's statistics, activation histogram, logit lens, top examples, samples by activation band and
-    nearest features. With `names` (the site's features, each with its first top token) it is drawn for a site
-    page, without for a notebook (see the module docstring)."""
-    page = names is not None
-    tokens = marks if page else shades
+    nearest features."""
     max_act = float(f["max_act"])
     parts = [
         stats(f),
-        histogram(f.get("histogram"), chart=page),
+        histogram(f.get("histogram")),
         logits(f),
-        f"<h2>Top activations</h2>{examples(f['examples'], max_act, tokens)}",
-        bands(f.get("intervals"), max_act, tokens),
-        nearest(f.get("nearest"), names),
+        f"<h2>Top activations</h2>{examples(f['examples'], max_act)}",
+        bands(f.get("intervals"), max_act),
+        nearest(f.get("nearest")),
     ]
     return "\n".join(p for p in parts if p)
 

@@ -1,5 +1,6 @@
 """Shared fixtures: the device under test, the tiny random Llama with its byte-level tokenizer, a few English
-sentences, and a slice of the real Wikipedia sample as a local corpus.
+sentences, a slice of the real Wikipedia sample as a local corpus, and an analysis of random sparse codes for
+sites of many features.
 
 Tests where a GPU changes behaviour (SAE forward and backward, training steps, harvest, evaluation) take the
 `device` fixture: the CPU unless `SAE_TEST_DEVICE` names another, e.g. `SAE_TEST_DEVICE=cuda python -m pytest`
@@ -13,11 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sae.analyze import FeatureStats, save_analysis
 from sae.cache import FORMAT, ActivationCache
-from sae.config import DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
-from sae.data import wikipedia_sample
+from sae.config import AnalyzeConfig, DataConfig, ModelConfig, SAEConfig, TrainConfig, TrainJob, WandbConfig
+from sae.data import Contexts, wikipedia_sample
 from sae.files import save_tensors, write_json
-from sae.harvest import load_model
+from sae.harvest import load_model, tiny_tokenizer
+from sae.model import Code
 
 SENTENCES = [
     "The cat sat on the warm mat by the kitchen door.",
@@ -172,3 +175,48 @@ def handmade_cache(path: Path, chunks: list[torch.Tensor], module: str = "m") ->
     meta |= {"batches": len(chunks), "tokens": sum(len(x) for x in chunks), "complete": True}
     write_json(path / "meta.json", meta)
     return ActivationCache(path)
+
+
+def random_analysis(run_dir: Path, n_features: int, seed: int = 0) -> Path:
+    """Writes `run_dir/analysis/` as `analyze.py` would, for `n_features` latents of random sparse codes (8 a
+    token, about 20 firings a feature, every 50th feature dead) on random byte tokens: the real code path
+    (`FeatureStats`, `save_analysis`, with random logit-lens tokens and nearest features) with 3 top examples and
+    2 bands of 1 sample a feature, so that a few thousand features take a second. Returns the analysis file."""
+    g = torch.Generator().manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    cfg = AnalyzeConfig(tokens=1, top_k=3, intervals=2, per_interval=1, window_before=4, window_after=2)
+    stats = FeatureStats(n_features, cfg)
+    rate = torch.rand(n_features, generator=g) + 0.1  # [F]
+    rate[::50] = 0
+    N, T, K = 64, 32, 8
+    for b in range(n_features * 20 // (N * (T - 1) * K) + 1):
+        ids = torch.randint(2, len(tokenizer), (N, T), generator=g)
+        ids[:, 0] = 0  # BOS
+        mask = ids > 1
+        row = torch.where(mask, b * N + torch.arange(N)[:, None], -1)
+        pos = torch.where(mask, torch.arange(T) - 1, -1)
+        B = int(mask.sum())
+        idx = torch.multinomial(rate, B * K, replacement=True, generator=g).view(B, K).sort(dim=1).values
+        acts = 10 * torch.rand(B, K, generator=g)  # [B, K]
+        acts[:, 1:][idx[:, 1:] == idx[:, :-1]] = 0  # a latent drawn twice for a token: padding
+        stats.update(Code(acts, idx), mask, Contexts(ids=ids, row=row, pos=pos, mask=mask))
+    k = cfg.logit_k
+    ups = torch.rand(n_features, k, generator=g).sort(dim=1, descending=True).values
+    V = len(tokenizer)
+    lens = (
+        ups,
+        torch.randint(2, V, (n_features, k), generator=g),
+        -ups,
+        torch.randint(2, V, (n_features, k), generator=g),
+    )
+    cos = torch.rand(n_features, cfg.nearest, generator=g).sort(dim=1, descending=True).values
+    nearest = (cos, torch.randint(0, n_features, (n_features, cfg.nearest), generator=g))
+    meta = {
+        "model": "random codes",
+        "hook": "model.layers.1",
+        "arch": "topk",
+        "d_in": 64,
+        "d_sae": n_features,
+        "k": K,
+    }
+    return save_analysis(stats, run_dir, tokenizer, meta, lens, nearest) / "features.json"

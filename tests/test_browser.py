@@ -1,17 +1,22 @@
-"""The dashboard site in a real browser: Playwright driving the system Chromium over file:// URLs.
+"""The dashboard site in a real browser: Playwright driving the system Chromium over file:// URLs. The feature
+pages are drawn here only, by site.js.
 
 Skipped where Playwright or Chromium is missing, except under CI=true, where that fails: `make test` installs
 both (Playwright with the dev extra, Chromium through apt), so a missing browser in CI is a broken set-up.
 """
 
+import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+from conftest import random_analysis
+from test_dashboard import TOKENS, _analysis, _with_extras
 
-from sae.site import write_site
+from sae.site import build_site, write_site
 
 SCRIPT = "<script>alert(1)</script>"
 WORDS = [" the", " cat", " river", " Paris", " 1999", "ing", " and", " of", "\n", " bridge", " sun", " -"]
@@ -138,6 +143,11 @@ def _ids(page) -> list[int]:
     return [int(t.lstrip("#")) for t in page.locator("#rows .row > span:first-child").all_inner_texts()]
 
 
+def _shown(page, fid: int) -> None:
+    """Waits until the feature page shows feature `fid` (its chunk may still be loading)."""
+    page.wait_for_function("id => document.querySelector('h1')?.textContent === `Feature ${id}`", arg=fid)
+
+
 def _screenshot(page, path: Path, keep: str) -> None:
     page.screenshot(path=str(path), full_page=False)
     data = path.read_bytes()
@@ -197,17 +207,18 @@ def test_index_searches_sorts_and_opens_a_feature(index: Path, page, tmp_path: P
     page.fill("#q", "")
     _screenshot(page, tmp_path / "index.png", "/tmp/site_index.png")
 
-    page.click('#rows a[href="features/5.html"]')
-    page.wait_for_url("**/features/5.html")
-    assert page.inner_text("h1") == "Feature 5"
+    page.click('#rows a[href="feature.html#5"]')
+    page.wait_for_url("**/feature.html#5")
+    _shown(page, 5)
     page.go_back()
     page.wait_for_function("document.querySelectorAll('#rows .row').length > 0")
     assert page.locator('[data-sort="id"]').get_attribute("class") == "on"  # the list's state came back
 
 
 def test_feature_page_highlights_tokens_and_shows_hostile_text(index: Path, page, tmp_path: Path):
-    page.goto((index.parent / "features" / "7.html").as_uri())
-    assert page.inner_text("h1") == "Feature 7"
+    page.goto((index.parent / "feature.html").as_uri() + "#7")
+    _shown(page, 7)
+    assert page.title() == "Feature 7 · tiny <model> · model.layers.2"
     # The alpha of each token's computed background colour (rgb(...) is opaque).
     alphas = page.locator("table.ex .t span").evaluate_all(
         r"els => els.map(e => getComputedStyle(e).backgroundColor.match(/[\d.]+/g)).map(c => +(c[3] ?? 1))"
@@ -225,11 +236,140 @@ def test_feature_page_highlights_tokens_and_shows_hostile_text(index: Path, page
     _screenshot(page, tmp_path / "feature.png", "/tmp/site_feature.png")
 
     page.keyboard.press("ArrowRight")
-    page.wait_for_url("**/features/8.html")
+    _shown(page, 8)
     page.click("ol.near a >> nth=0")
-    page.wait_for_url("**/features/9.html")
+    _shown(page, 9)
+    assert page.url.endswith("/feature.html#9")
     page.click('a[rel="prev"]')
-    page.wait_for_url("**/features/8.html")
+    _shown(page, 8)
+    page.go_back()  # each feature shown is a step of the history
+    _shown(page, 9)
     page.click("text=all features")
     page.wait_for_url("**/index.html*")
     page.wait_for_function("document.querySelectorAll('#rows .row').length > 0")
+    page.goto((index.parent / "feature.html").as_uri() + "#12345")
+    assert page.inner_text("h1") == "No feature 12345 in this site"
+
+
+def _main(page) -> tuple[str, str]:
+    """The feature page's main element: its HTML and its text."""
+    return page.inner_html("main"), page.locator("main").evaluate("e => e.textContent")
+
+
+def test_feature_page_escapes_tokens_and_shows_every_section(page, tmp_path: Path):
+    site = write_site(_with_extras(), tmp_path / "dashboard").parent
+    page.goto((site / "feature.html").as_uri() + "#0")
+    _shown(page, 0)
+    body, text = _main(page)
+    # Hostile tokens arrive as text: no element the analysis did not ask for, the text intact.
+    assert page.locator("main b, main i, main img, main script").count() == 0
+    for token in ["</script>", "<b>", " & co", '  "x"', "<i>", "<img src=x onerror=alert(1)>"]:
+        assert token in text
+    assert "tiny <model>" in page.inner_text("header")
+    line = page.locator("table.ex td.t").first
+    assert line.evaluate("e => e.textContent") == 'The cat</script><b> & co↵  "x"'
+    # The tokens it fires on are spans, the activating one boxed; the rest is plain text.
+    spans = re.findall(r"<span([^>]*)>([^<]*)</span>", line.inner_html())
+    assert spans == [
+        (' style="--a:0.20" title="act 1.00"', " cat"),
+        (' class="c" style="--a:1.00" title="act 5.00"', "&lt;/script&gt;"),
+        (' style="--a:0.50" title="act 2.50"', "&lt;b&gt;"),
+    ]
+    assert "row 3 · pos 40" in text and "row 7 · pos 2" in text
+    assert "density 1.2% (log10 -1.92)" in text and "max act 5.00" in text and "mean act 2.00" in text
+    assert "promotes" in text and "+1.25" in text and "suppresses" in text and "-0.75" in text
+    assert body.count("<rect ") == 20 and "3,234 activations" in text
+    assert "Activation histogram 0.00 … 5.00" in text and "0.25 – 0.5: 450 tokens" in body
+    assert "act 0.00 – 2.50" in text and "41 tokens" in text and "act 2.50 – 5.00" in text
+    assert text.count("no examples") == 1  # the empty band
+    assert '<a href="#2">#2</a>' in body and '<a href="#1">#1</a>' in body and "#99" in text
+    assert 'href="#99"' not in body and "cos 0.61" in text and "cos -0.20" in text
+    assert page.locator("ol.near .pill").all_inner_texts() == ["'s"]  # #2's strongest token; #1 has none
+    assert page.get_attribute('a[rel="next"]', "href") == "#1" and page.locator('a[rel="prev"]').count() == 0
+
+
+def test_feature_pages_without_the_optional_fields(page, tmp_path: Path):
+    site = write_site(_analysis(), tmp_path / "dashboard").parent
+    page.goto((site / "feature.html").as_uri() + "#2")
+    _shown(page, 2)
+    _, text = _main(page)
+    for section in ("histogram", "band", "Nearest", "Logit lens"):
+        assert section not in text
+    assert page.get_attribute('a[rel="prev"]', "href") == "#1" and page.locator('a[rel="next"]').count() == 0
+    page.goto((site / "feature.html").as_uri() + "#1")
+    _shown(page, 1)
+    assert page.get_attribute("body", "class") == "feature dead"
+    assert "dead (never fired)" in page.inner_text("main") and "no examples" in page.inner_text("main")
+    # Fields in other shapes than analyze writes are left out, as the notebook leaves them out.
+    odd = _analysis()
+    odd["features"][0] |= {"histogram": {"counts": [1, 2]}, "nearest": 3, "intervals": [{"lo": "x"}, 7]}
+    site = write_site(odd, tmp_path / "odd").parent
+    page.goto((site / "feature.html").as_uri() + "#0")
+    _shown(page, 0)
+    _, text = _main(page)
+    assert TOKENS[2] in text and "histogram" not in text and "band" not in text and "Nearest" not in text
+
+
+N_RANDOM = 2500
+
+
+@pytest.fixture(scope="module")
+def random_site(tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The site of `N_RANDOM` features of random sparse codes, analysed as analyze.py does, and its features."""
+    run_dir = tmp_path_factory.mktemp("random")
+    analysis = json.loads(random_analysis(run_dir, N_RANDOM).read_text(encoding="utf-8"))
+    return build_site(run_dir), analysis["features"]
+
+
+def test_a_site_of_thousands_of_features_sorts_searches_pages_and_links(random_site, page):
+    index, feats = random_site
+    page.goto(index.as_uri())
+    assert _count(page) == N_RANDOM
+    assert 20 < page.locator("#rows .row").count() < 80  # the rows in view, not N_RANDOM
+
+    def order(key: str, desc: bool, fs: list[dict] = feats) -> list[int]:
+        return [f["id"] for f in sorted(fs, key=lambda f: ((-1 if desc else 1) * f[key], f["id"]))]
+
+    # By max activation, strongest first; again, weakest first (the dead ones, by id); again, strongest.
+    by_max = order("max_act", True)
+    assert _ids(page)[:10] == by_max[:10]
+    page.click('[data-sort="max_act"]')
+    assert _ids(page)[:10] == order("max_act", False)[:10] and _ids(page)[:3] == [0, 50, 100]
+    page.click('[data-sort="max_act"]')
+    assert _ids(page)[:10] == by_max[:10]
+
+    # Paging: the rows drawn after a scroll are those of that place in the order.
+    page.locator("#list").evaluate("el => el.scrollTop = 2000 * 28")
+    page.wait_for_function(f"document.querySelector('#rows').textContent.includes('#{by_max[2000]}')")
+    drawn = _ids(page)
+    start = by_max.index(drawn[0])
+    assert drawn == by_max[start : start + len(drawn)] and start <= 2000 < start + len(drawn)
+
+    # Search by token text, among top tokens and promoted ones.
+    def hit(f: dict, q: str) -> bool:
+        tokens = [ex["tokens"][ex["center"]] for ex in f["examples"]] + [t for t, _ in f["top_logits"][:5]]
+        return any(q in t.lower() for t in tokens)
+
+    page.fill("#q", "q")
+    found = [f for f in feats if hit(f, "q")]
+    assert 0 < len(found) < N_RANDOM and _count(page) == len(found)
+    assert _ids(page)[:10] == order("max_act", True, found)[:10]
+
+    # A link opens that feature's page, whichever chunk holds it.
+    fid = _ids(page)[3]
+    page.click(f'#rows a[href="feature.html#{fid}"]')
+    page.wait_for_url(f"**/feature.html#{fid}")
+    _shown(page, fid)
+    f = next(f for f in feats if f["id"] == fid)
+    assert f"max act {f['max_act']:.2f} · mean act {f['mean_act']:.2f}" in page.inner_text("p.stats")
+    assert page.locator("table.ex").first.locator("tr").count() == len(f["examples"])
+    assert [int(t.lstrip("#")) for t in page.locator("ol.near a").all_inner_texts()] == [
+        i for i, _ in f["nearest"]
+    ]
+    page.go_back()
+    page.wait_for_function("document.querySelectorAll('#rows .row').length > 0")
+    assert page.input_value("#q") == "q" and _count(page) == len(found)  # the list as it was
+    # The last feature, in the last chunk.
+    page.goto(index.parent.joinpath("feature.html").as_uri() + f"#{N_RANDOM - 1}")
+    _shown(page, N_RANDOM - 1)
+    assert page.locator('a[rel="next"]').count() == 0

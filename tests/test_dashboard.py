@@ -1,8 +1,10 @@
-"""The dashboard: loading, the notebook's HTML of a feature, and the site (sae.site): its files and links,
-escaping of hostile tokens, the optional analysis fields, atomic builds and the CLI."""
+"""The dashboard: loading, the notebook's HTML of a feature, and the site (sae.site): its files and links, the
+data its pages are drawn from (tests/test_browser.py draws them), reading features.json a feature at a time,
+atomic builds and the CLI."""
 
 import html
 import json
+import math
 import re
 import subprocess
 import sys
@@ -11,10 +13,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import random_analysis
 
 import sae.site
 from sae.dashboard import feature_html, load_analysis, top_features
-from sae.site import write_site
+from sae.site import read_features, write_site
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENS = ["The", " cat", "</script>", "<b>", " & co", "\n", '  "x"']
@@ -149,46 +152,59 @@ class _Parsed(HTMLParser):
         self.text.append(data)
 
 
-def _index_data(site: Path) -> dict:
-    text = (site / "index-data.js").read_text(encoding="utf-8")
-    assert text.startswith("window.SAE_INDEX = ") and text.endswith(";\n")
-    return json.loads(text[len("window.SAE_INDEX = ") : -2])
+def _data(path: Path, name: str):
+    """The value a data/*.js file sets `window[name]` to."""
+    text = path.read_text(encoding="utf-8")
+    assert text.startswith(f"window.{name} = ") and text.endswith(";\n")
+    return json.loads(text[len(f"window.{name} = ") : -2])
 
 
-def test_site_has_an_index_and_one_page_per_feature(tmp_path: Path):
+def _chunk(path: Path) -> tuple[int, list[dict]]:
+    """The number and features of a data/features-<n>.js: SAE_CHUNK(n, [one JavaScript string a feature])."""
+    head, *lines = path.read_text(encoding="utf-8").splitlines()
+    n = re.fullmatch(r"SAE_CHUNK\((\d+),\[", head)
+    assert n is not None and lines[-1].endswith("]);")
+    items = [line.removesuffix(",").removesuffix("]);") for line in lines]
+    assert all(item[0] == item[-1] == "'" for item in items)
+    escapes = {"n": "\n", "r": "\r"}
+    texts = [re.sub(r"\\(.)", lambda m: escapes.get(m[1], m[1]), item[1:-1]) for item in items]
+    return int(n[1]), [json.loads(t) for t in texts]
+
+
+def test_site_files_and_links(tmp_path: Path):
     index = write_site(_with_extras(), tmp_path / "dashboard")
     site = index.parent
     assert index == site / "index.html"
     assert sorted(p.name for p in site.iterdir()) == [
-        "features",
-        "index-data.js",
+        "data",
+        "feature.html",
         "index.html",
         "site.css",
         "site.js",
     ]
-    assert sorted(p.name for p in (site / "features").iterdir()) == ["0.html", "1.html", "2.html"]
+    assert sorted(p.name for p in (site / "data").iterdir()) == ["features-0.js", "index.js", "names.js"]
     assert [p.name for p in tmp_path.iterdir()] == ["dashboard"]  # no temporary directory left
-    # Every link and script of every page resolves to a file of the site; nothing is fetched from the network.
-    pages = [index, *(site / "features").iterdir()]
-    for page in pages:
+    # Every link and script of both pages resolves to a file of the site; nothing is fetched from the network.
+    for page in (index, site / "feature.html"):
         parsed = _Parsed(page.read_text(encoding="utf-8"))
         assert parsed.inline_scripts == 0, page
         for link in parsed.links:
             assert not re.match(r"[a-z]+:", link), (page, link)
             assert (page.parent / link.split("#")[0]).resolve().is_file(), (page, link)
-    # The list's rows link to features/<id>.html (built in site.js): one row per page.
-    rows = _index_data(site)["features"]
-    assert [row[0] for row in rows] == [0, 1, 2]
-    assert "features/${f.id}.html" in (site / "site.js").read_text()
+    # The list's rows link to feature.html#<id>, its chunks are data/features-<n>.js (built in site.js).
+    js = (site / "site.js").read_text()
+    assert 'href="feature.html#${esc(f[ID])}"' in js and "s.src = `data/features-${n}.js`" in js
 
 
 def test_index_header_and_data(tmp_path: Path):
     site = write_site(_with_extras(), tmp_path / "dashboard").parent
-    header = "".join(_Parsed((site / "index.html").read_text(encoding="utf-8")).text)
-    assert "tiny <model>" in header and "hook model.layers.1" in header and "d_sae 3" in header
-    assert "100 tokens" in header and "1 dead (33.3%)" in header
-    live, dead, strong = _index_data(site)["features"]
-    # [id, density, max_act, mean_act, top tokens, promoted, snippet tokens, snippet acts %, center, histogram]
+    for page in ("index.html", "feature.html"):
+        header = "".join(_Parsed((site / page).read_text(encoding="utf-8")).text)
+        assert "tiny <model>" in header and "hook model.layers.1" in header and "d_sae 3" in header
+        assert "100 tokens" in header and "1 dead (33.3%)" in header
+    # Strongest first, the list's first order.
+    strong, live, dead = _data(site / "data" / "index.js", "SAE_INDEX")
+    # [id, density, max_act, mean_act, top tokens, promoted, snippet tokens, snippet acts %, center, sparkline]
     assert live[:6] == [0, 0.012, 5.0, 2.0, ["</script>", "a"], ["<i>", " Paris"]]
     assert live[6] == [
         "The",
@@ -198,77 +214,100 @@ def test_index_header_and_data(tmp_path: Path):
         " & co",
     ]  # up to 6 tokens before the center, 2 after
     assert live[7:9] == [[0, 20, 100, 50, 0], 2]
-    assert live[9] == _with_extras()["features"][0]["histogram"]["counts"]
-    assert dead == [1, 0.0, 0.0, 0.0, [], [], [], [], -1, None]
-    assert strong[4:6] == [["'s"], []] and strong[9] is None
+    # Bar heights in px of 16, log scale: counts 900 // (i + 1) for 20 bins.
+    logs = [math.log1p(900 // (i + 1)) for i in range(20)]
+    assert [int(c, 36) for c in live[9]] == [round(16 * v / logs[0]) for v in logs] and live[9][0] == "g"
+    assert dead == [1, 0.0, 0.0, 0.0, [], [], [], [], -1, ""]
+    assert strong[4:6] == [["'s"], []] and strong[9] == ""
 
 
-def test_feature_page_escapes_tokens_and_shows_every_section(tmp_path: Path):
-    site = write_site(_with_extras(), tmp_path / "dashboard").parent
-    page = (site / "features" / "0.html").read_text(encoding="utf-8")
-    parsed = _Parsed(page)
-    # Hostile tokens arrive as text: no element the analysis did not ask for, the text intact.
-    assert {"b", "i", "img"}.isdisjoint(parsed.tags) and parsed.tags.count("script") == 1
-    text = "".join(parsed.text)
-    for token in [
-        "</script>",
-        "<b>",
-        " & co",
-        '  "x"',
-        "<i>",
-        "<img src=x onerror=alert(1)>",
-        "tiny <model>",
-    ]:
-        assert token in text
-    line = re.findall(r'<td class="t">(.*?)</td>', page)[0]
-    assert html.unescape(re.sub(r"<[^>]*>", "", line)) == 'The cat</script><b> & co↵  "x"'
-    # The tokens it fires on are spans, the activating one boxed; the rest is plain text.
-    spans = re.findall(r"<span([^>]*)>([^<]*)</span>", line)
-    assert spans == [
-        (' style="--a:0.20" title="act 1.00"', " cat"),
-        (' class="c" style="--a:1.00" title="act 5.00"', "&lt;/script&gt;"),
-        (' style="--a:0.50" title="act 2.50"', "&lt;b&gt;"),
+def test_names_and_chunks_hold_every_feature_as_analysed(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(sae.site, "CHUNK", 2)
+    analysis = _with_extras()
+    site = write_site(analysis, tmp_path / "dashboard").parent
+    names = _data(site / "data" / "names.js", "SAE_NAMES")
+    assert names == {"chunk": 2, "features": [[0, "</script>"], [1, None], [2, "'s"]]}
+    chunks = [_chunk(site / "data" / f"features-{n}.js") for n in (0, 1)]
+    assert chunks == [(0, analysis["features"][:2]), (1, analysis["features"][2:])]
+
+
+def test_index_data_holds_every_feature_of_a_large_analysis(tmp_path: Path):
+    """One entry per feature, each with its analysis's values, in the order of max act; every feature's JSON in
+    the chunk that names.js points to."""
+    analysis = json.loads(random_analysis(tmp_path, 1200).read_text(encoding="utf-8"))
+    site = sae.site.build_site(tmp_path).parent
+    feats = analysis["features"]
+    rows = _data(site / "data" / "index.js", "SAE_INDEX")
+    assert len(rows) == len(feats) == 1200
+    assert [r[0] for r in rows] == [f["id"] for f in sorted(feats, key=lambda f: (-f["max_act"], f["id"]))]
+    by_id = {r[0]: r for r in rows}
+    for f in feats:
+        top = list(dict.fromkeys(ex["tokens"][ex["center"]] for ex in f["examples"]))
+        ex = f["examples"][0] if f["examples"] else {"tokens": [], "acts": [], "center": -1}
+        lo = max(0, ex["center"] - 6)
+        acts = [round(100 * min(a / f["max_act"], 1.0)) for a in ex["acts"][lo : ex["center"] + 3]]
+        up = [t for t, _ in f["top_logits"][:5]]
+        assert by_id[f["id"]][:9] == [
+            f["id"], float(f"{f['density']:.4g}"), f["max_act"], f["mean_act"], top, up,
+            ex["tokens"][lo : ex["center"] + 3], acts, ex["center"] - lo,
+        ]  # fmt: skip
+        assert len(by_id[f["id"]][9]) == 20
+    assert {r[0] for r in rows if r[1] == 0} >= set(range(0, 1200, 50))  # every 50th never fires
+    names = _data(site / "data" / "names.js", "SAE_NAMES")
+    assert names["features"] == [
+        [f["id"], f["examples"][0]["tokens"][f["examples"][0]["center"]] if f["examples"] else None]
+        for f in feats
     ]
-    assert "row 3 · pos 40" in text and "row 7 · pos 2" in text
-    assert "Feature 0" in text and "density 1.2% (log10 -1.92)" in text and "max act 5.00" in text
-    assert "promotes" in text and "+1.25" in text and "suppresses" in text and "-0.75" in text
-    assert page.count("<rect ") == 20 and "3,234 activations" in text
-    assert "act 0.00 – 2.50" in text and "41 tokens" in text and "act 2.50 – 5.00" in text
-    assert text.count("no examples") == 1  # the empty band
-    assert '<a href="2.html">#2</a>' in page and '<a href="1.html">#1</a>' in page and "#99" in text
-    assert 'href="99.html"' not in page and "cos 0.61" in text and "cos -0.20" in text
-    assert 'rel="next" href="1.html"' in page and 'rel="prev"' not in page
+    C = names["chunk"]
+    chunks = sorted(_chunk(p) for p in (site / "data").glob("features-*.js"))
+    assert [n for n, _ in chunks] == list(range(-(-len(feats) // C)))
+    assert [f for _, part in chunks for f in part] == feats
 
 
-def test_feature_pages_without_the_optional_fields(tmp_path: Path):
-    site = write_site(_analysis(), tmp_path / "dashboard").parent
-    strong = (site / "features" / "2.html").read_text(encoding="utf-8")
-    for section in ("histogram", "band", "Nearest", "Logit lens"):
-        assert section not in strong
-    assert 'rel="prev" href="1.html"' in strong and 'rel="next"' not in strong
-    dead = (site / "features" / "1.html").read_text(encoding="utf-8")
-    assert '<body class="feature dead">' in dead and "dead (never fired)" in dead and "no examples" in dead
+def test_read_features_streams_any_layout(tmp_path: Path):
+    analysis = _with_extras()
+    path = tmp_path / "features.json"
+    # Indented, `features` before other keys: what a hand-edited file might be.
+    path.write_text(json.dumps({"features": analysis["features"], "model": "m"}, indent=1), encoding="utf-8")
+    meta: dict = {}
+    got = list(read_features(path, meta))
+    assert [f for f, _ in got] == analysis["features"] and [json.loads(t) for _, t in got] == analysis[
+        "features"
+    ]
+    assert meta == {"model": "m"}
+    path.write_text(' { "k" : 1 , "features" : [ ] } ', encoding="utf-8")
+    assert list(read_features(path, meta)) == [] and meta["k"] == 1
+    path.write_text(json.dumps({"model": "m"}), encoding="utf-8")
+    with pytest.raises(ValueError, match="has no `features`"):
+        list(read_features(path, {}))
+    text = json.dumps(analysis)
+    for broken in (text[: len(text) // 2], text[:-1], text.replace("[{", "[{{", 1), "[]"):
+        path.write_text(broken, encoding="utf-8")
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))} is truncated or corrupt"):
+            list(read_features(path, {}))
 
 
 def test_failed_build_keeps_the_old_site_and_leaves_no_temporary(tmp_path: Path, monkeypatch):
     index = write_site(_analysis(), tmp_path / "dashboard")
     before = index.read_text()
     calls = []
+    write_chunk = sae.site._write_chunk
 
-    def fail_on_the_second_page(*args):
+    def fail_on_the_second_chunk(*args):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("disk full")
-        return "<p>page</p>"
+        write_chunk(*args)
 
-    monkeypatch.setattr(sae.site, "_feature_page", fail_on_the_second_page)
+    monkeypatch.setattr(sae.site, "CHUNK", 1)
+    monkeypatch.setattr(sae.site, "_write_chunk", fail_on_the_second_chunk)
     with pytest.raises(RuntimeError, match="disk full"):
         write_site(_with_extras(), tmp_path / "dashboard")
     assert [p.name for p in tmp_path.iterdir()] == ["dashboard"]
-    assert index.read_text() == before and len(list((tmp_path / "dashboard" / "features").iterdir())) == 3
+    assert index.read_text() == before and len(list((tmp_path / "dashboard" / "data").iterdir())) == 3
     monkeypatch.undo()
     write_site(_with_extras(), tmp_path / "dashboard")  # a rebuild replaces the whole site
-    assert "Nearest features" in (tmp_path / "dashboard" / "features" / "0.html").read_text()
+    assert '"nearest"' in (tmp_path / "dashboard" / "data" / "features-0.js").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["dashboard"]
 
 
@@ -283,8 +322,7 @@ def test_cli_builds_when_needed_and_serves_on_localhost(run_dir: Path):
     assert first.returncode == 0, first.stderr
     index = run_dir / "dashboard" / "index.html"
     assert (
-        first.stdout.strip() == f"dashboard: {index}"
-        and (run_dir / "dashboard" / "features" / "2.html").is_file()
+        first.stdout.strip() == f"dashboard: {index}" and (run_dir / "dashboard" / "feature.html").is_file()
     )
     again = _site_cli(str(run_dir))
     assert again.returncode == 0 and "newer than the analysis" in again.stdout
@@ -302,8 +340,8 @@ def test_cli_builds_when_needed_and_serves_on_localhost(run_dir: Path):
         server.stdout.readline()  # dashboard: ...
         url = re.search(r"serving (http://127\.0\.0\.1:\d+/)", server.stdout.readline())
         assert url is not None
-        with urllib.request.urlopen(url.group(1) + "features/0.html", timeout=10) as response:
-            assert "Feature 0" in response.read().decode()
+        with urllib.request.urlopen(url.group(1) + "data/features-0.js", timeout=10) as response:
+            assert response.read().decode().startswith("SAE_CHUNK(0,")
     finally:
         server.terminate()
         server.wait(timeout=10)
