@@ -176,23 +176,7 @@ def _train_one(
                 what = f"the held-out FVU is {metrics['fvu']:.3g} with {metrics['dead_fraction']:.0%} dead latents"
                 raise TrainingDiverged(diverged_message(what, cfg.train, sae.d_sae), None)
         state_dir = out_dir / ANALYSIS_STATE
-        stats = None
-        if cfg.do_analyze:
-            stats = scan.analysis_pass(
-                sae,
-                s.model,
-                s.tokenizer,
-                module,
-                cfg.model,
-                cfg.data,
-                cfg.analyze,
-                state_dir,
-                replay,
-                rank,
-                world,
-                cfg.resume,
-                held_out,
-            )
+        stats = _analysis(s, sae, module, state_dir, replay, held_out) if cfg.do_analyze else None
         held_out.clear()
         if rank != 0:
             return {}
@@ -213,6 +197,28 @@ def _train_one(
     finally:
         run.finish(exit_code=exit_code)
     return metrics
+
+
+def _analysis(
+    s: _Session, sae: SAE, module: str, state_dir: Path, replay: scan.Replay, held_out: scan.Replay
+) -> an.FeatureStats | None:
+    """This rank's share of the analysis pass over the job's corpus; the merged statistics on rank 0."""
+    cfg = s.cfg
+    return scan.analysis_pass(
+        sae,
+        s.model,
+        s.tokenizer,
+        module,
+        cfg.model,
+        cfg.data,
+        cfg.analyze,
+        state_dir,
+        replay,
+        s.rank,
+        s.world,
+        cfg.resume,
+        held_out,
+    )
 
 
 def _first_batch(cfg: TrainJob, tokenizer, rank: int, world: int) -> Iterator[Contexts]:
