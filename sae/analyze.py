@@ -125,14 +125,19 @@ def _mix(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+_MULTIPLIERS = ((0x27D4EB2F, 0x165667B1, 0x61C88647), (0x2C1B3C6D, 0x297A2D39, 0x4CF5AD43))
+"""Odd multipliers below 2^31 that spread (row, position, latent) in each of the two halves of a key."""
+
+
 def keys(seed: int, row: torch.Tensor, pos: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """The band-sampling key of each (dataset row, position, latent) [L]: float64 uniform in [0, 1), 62 bits of
-    two independent hashes, so distinct triples tie with negligible probability."""
+    """The band-sampling key of each (dataset row, position, latent) [L]: float64 uniform in [0, 1), 62 bits
+    from two independent 31-bit hashes (each a multiply-add of the three then `_mix`), so distinct triples tie
+    with negligible probability."""
     parts = []
-    for salt in (seed * 2 + 1, seed * 2 + 2):
-        h = _mix((row + salt) & _M31)
-        h = _mix(h ^ (pos & _M31))
-        parts.append(_mix(h ^ (f & _M31)).double())
+    for salt, (a, b, c) in enumerate(_MULTIPLIERS, start=2 * seed + 1):
+        h = ((row & _M31) * a + (pos & _M31) * b) & _M31  # each product < 2^62: no overflow
+        h = (h + (f & _M31) * c + salt) & _M31
+        parts.append(_mix(h).double())
     return (parts[0] * 2.0**31 + parts[1]) / 2.0**62
 
 
