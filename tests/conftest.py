@@ -9,6 +9,8 @@ Tests where a GPU changes behaviour (SAE forward and backward, training steps, h
 
 import json
 import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -220,3 +222,33 @@ def random_analysis(run_dir: Path, n_features: int, seed: int = 0) -> Path:
         "k": K,
     }
     return save_analysis(stats, run_dir, tokenizer, meta, lens, nearest) / "features.json"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def process_env() -> dict:
+    """The environment of the test's own `train.py` / `analyze.py` processes: quiet W&B, full Hydra errors, one
+    torch thread per process."""
+    return os.environ | {"WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
+
+
+def run_to_the_end(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Runs `cmd` (torchrun or a script) from the repository root to the end and asserts it succeeded; on a
+    timeout its whole process group is killed, so torchrun's workers are not left waiting for each other."""
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=process_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)

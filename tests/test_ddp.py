@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from sae.config import SAEConfig, TrainConfig
 from sae.train import train
+from tests.conftest import process_env, run_to_the_end
 
 ROOT = Path(__file__).resolve().parents[1]
 D, B, STEPS, WORLD = 16, 128, 30, 2
@@ -146,34 +147,10 @@ def _torchrun(corpus: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def _env() -> dict:
-    return os.environ | {"WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    """Runs torchrun to the end; on a timeout its workers are killed too, not left waiting for each other."""
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, err[-3000:]
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 @pytest.mark.parametrize("mode", ["train.in_memory=false", "train.in_memory=true"])
 def test_torchrun_shards_the_data_rank_0_writes_and_sigterm_then_resume_is_exact(tmp_path, corpus, mode):
     reference = tmp_path / "reference"
-    proc = _run(_torchrun(corpus, reference, mode))
+    proc = run_to_the_end(_torchrun(corpus, reference, mode))
     assert proc.stdout.count("run directory:") == 1  # rank 0 reports
     metrics = json.loads((reference / "metrics.json").read_text())
     assert metrics["fvu"] < 0.9 and not (tmp_path / "reference.tmp").exists()
@@ -190,7 +167,7 @@ def test_torchrun_shards_the_data_rank_0_writes_and_sigterm_then_resume_is_exact
     stopped = subprocess.Popen(
         _torchrun(corpus, run_dir, mode),
         cwd=ROOT,
-        env=_env(),
+        env=process_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -216,7 +193,7 @@ def test_torchrun_shards_the_data_rank_0_writes_and_sigterm_then_resume_is_exact
     ]
     at = json.loads(state_file.read_text())["step"]
     assert 20 <= at < 200 and not run_dir.exists()
-    _run(_torchrun(corpus, run_dir, mode, "resume=true"))
+    run_to_the_end(_torchrun(corpus, run_dir, mode, "resume=true"))
     a, b = load_file(str(run_dir / "sae.safetensors")), load_file(str(reference / "sae.safetensors"))
     for key in a:
         assert torch.equal(a[key], b[key]), key
@@ -225,7 +202,9 @@ def test_torchrun_shards_the_data_rank_0_writes_and_sigterm_then_resume_is_exact
 def test_torchrun_with_an_activation_cache_every_rank_harvests_and_reads_its_share(tmp_path, corpus):
     cache = tmp_path / "cache"
     analysis = ("do_analyze=true", "analyze.tokens=8192", "analyze.top_k=3")
-    _run(_torchrun(corpus, tmp_path / "run", "train.in_memory=false", f"train.cache_dir={cache}", *analysis))
+    run_to_the_end(
+        _torchrun(corpus, tmp_path / "run", "train.in_memory=false", f"train.cache_dir={cache}", *analysis)
+    )
     meta = json.loads((cache / "meta.json").read_text())
     assert meta["complete"] and meta["tokens"] >= 4096 and "world" not in json.dumps(meta["provenance"])
     # Each rank harvested its own batches (batch i on rank i % 2) into one shard, listed in batch order.

@@ -21,7 +21,7 @@ from sae.data import packed_contexts
 from sae.evaluate import held_out_pass
 from sae.model import SAE
 from sae.pipeline import ANALYSIS_STATE, run_training
-from tests.conftest import tiny_job
+from tests.conftest import process_env, run_to_the_end, tiny_job
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "model.layers.1"
@@ -191,10 +191,6 @@ def test_an_interrupted_pass_resumes_exactly_and_refuses_other_settings(tiny, sm
 # --- processes -----------------------------------------------------------------------------------------
 
 
-def _env() -> dict:
-    return os.environ | {"WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1", "OMP_NUM_THREADS": "1"}
-
-
 def _analyze(run_dir: Path, *extra: str, procs: int = 1) -> list[str]:
     launcher = (
         ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
@@ -203,22 +199,7 @@ def _analyze(run_dir: Path, *extra: str, procs: int = 1) -> list[str]:
 
 
 def _run(cmd: list[str]) -> str:
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, err[-3000:]
-    return out
+    return run_to_the_end(cmd).stdout
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +230,7 @@ def test_analysis_killed_with_sigkill_resumes_to_the_uninterrupted_result(traine
     proc = subprocess.Popen(
         _analyze(run_dir, *ARGS, "analyze.checkpoint_every=5"),
         cwd=ROOT,
-        env=_env(),
+        env=process_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
