@@ -86,7 +86,10 @@ class SAEConfig:
     arch: str = "topk"
     """Architecture, one of ARCHS: topk, batchtopk, matryoshka (BatchTopK), jumprelu, relu (L1)."""
     expansion_factor: int = 8
-    """d_sae = expansion_factor * d_in."""
+    """d_sae = expansion_factor * d_in (unless `d_sae` is set)."""
+    d_sae: int | None = None
+    """The number of latents, where it is no multiple of d_in (4096 on 768 dimensions); None: from
+    expansion_factor."""
     k: int = 32
     """Active latents per token (topk); per token on average over the batch (batchtopk, matryoshka)."""
     b_dec_init: str = "geometric_median"
@@ -111,6 +114,7 @@ class SAEConfig:
     def __post_init__(self) -> None:
         _check(self.arch in ARCHS, f"sae.arch={self.arch!r} is not one of {ARCHS}")
         _check(self.expansion_factor >= 1, f"sae.expansion_factor={self.expansion_factor} must be >= 1")
+        _check(self.d_sae is None or self.d_sae >= 2, f"sae.d_sae={self.d_sae} must be >= 2 or null")
         _check(self.k >= 1, f"sae.k={self.k} must be >= 1")
         inits = ("geometric_median", "mean", "zeros")
         _check(self.b_dec_init in inits, f"sae.b_dec_init={self.b_dec_init!r} is not one of {inits}")
@@ -129,9 +133,15 @@ class SAEConfig:
 
     @property
     def name(self) -> str:
-        """A short name for the run directory of one of several SAEs: `topk-k32-x8[-hook]`."""
+        """A short name for the run directory of one of several SAEs: `topk-k32-x8[-hook]` (`-w4096` for a
+        width set by `d_sae`)."""
         hook = f"-{self.hook}" if self.hook else ""
-        return f"{self.arch}-k{self.k}-x{self.expansion_factor}{hook}"
+        width = f"w{self.d_sae}" if self.d_sae else f"x{self.expansion_factor}"
+        return f"{self.arch}-k{self.k}-{width}{hook}"
+
+    def width(self, d_in: int) -> int:
+        """d_sae for inputs of width d_in: `d_sae`, or expansion_factor * d_in."""
+        return self.d_sae or self.expansion_factor * d_in
 
 
 @dataclass
@@ -270,6 +280,89 @@ class WandbConfig:
         _check(self.mode in WANDB_MODES, f"wandb.mode={self.mode!r} is not one of {WANDB_MODES}")
 
 
+SYNTHETIC = "synthetic"
+"""`data.path` of activations drawn from a known feature dictionary (`sae.synthetic`) instead of a model."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Activations made from a known dictionary of features (`data=synthetic`), after SynthSAEBench (Chanin &
+    Garriga-Alonso 2026, arXiv 2602.14687): superposition, Zipfian firing, correlated firing, a hierarchy of
+    mutually exclusive children. Feature i is the i-th most frequent."""
+
+    n_features: int = 4096
+    """True features (rows of the dictionary)."""
+    d_in: int = 256
+    """Width of the activations."""
+    zipf_exponent: float = 0.5
+    """Firing probabilities fall as (1 + i)^-exponent over the features' rank i ..."""
+    p_max: float = 0.4
+    """... from this, for the most frequent ..."""
+    p_min: float = 5e-4
+    """... to this, for the rarest."""
+    magnitude_start: float = 5.0
+    """Mean magnitude of the most frequent feature when it fires ..."""
+    magnitude_end: float = 4.0
+    """... falling linearly to this for the rarest."""
+    magnitude_std: float = 0.5
+    """Each feature's magnitude varies with a standard deviation drawn from |N(s, s)|, for this s."""
+    hierarchy_roots: int = 32
+    """Features at the top of a hierarchy (the most frequent ones); 0: no hierarchy."""
+    hierarchy_branching: int = 4
+    """Children of each feature in the hierarchy."""
+    hierarchy_depth: int = 3
+    """Levels below the roots."""
+    mutually_exclusive: bool = True
+    """At most one child of a feature fires at a time."""
+    scale_children: bool = True
+    """A child's magnitude is scaled by its parent's, relative to the parent's mean."""
+    correlation_rank: int = 25
+    """Rank of the low-rank correlation between features' firing (a Gaussian copula); 0: independent."""
+    correlation_scale: float = 0.1
+    """Standard deviation of the entries of the correlation factor."""
+    orthogonalize_steps: int = 0
+    """Gradient steps pushing the dictionary's rows apart, after their random draw (0: random unit rows)."""
+    bias_norm: float = 0.5
+    """Norm of a constant offset added to every activation."""
+    noise: float = 0.0
+    """Standard deviation of isotropic Gaussian noise added to each coordinate."""
+    seed: int = 0
+    """Seed of the dictionary and its properties (the samples are seeded by `train.seed`)."""
+    eval_samples: int = 100_000
+    """Fresh samples the ground-truth metrics are measured on."""
+
+    def __post_init__(self) -> None:
+        _check(self.n_features >= 2, f"synthetic.n_features={self.n_features} must be >= 2")
+        _check(self.d_in >= 2, f"synthetic.d_in={self.d_in} must be >= 2")
+        _check(
+            0 < self.p_min <= self.p_max <= 1,
+            f"synthetic.p_min={self.p_min} and p_max={self.p_max} must satisfy 0 < p_min <= p_max <= 1",
+        )
+        _check(self.zipf_exponent >= 0, f"synthetic.zipf_exponent={self.zipf_exponent} must be >= 0")
+        _check(
+            min(self.magnitude_start, self.magnitude_end) > 0,
+            f"synthetic.magnitude_start={self.magnitude_start} and magnitude_end={self.magnitude_end} must be > 0",
+        )
+        for name in ("magnitude_std", "correlation_scale", "bias_norm", "noise"):
+            _check(getattr(self, name) >= 0, f"synthetic.{name}={getattr(self, name)} must be >= 0")
+        for name in ("hierarchy_roots", "hierarchy_depth", "correlation_rank", "orthogonalize_steps"):
+            _check(getattr(self, name) >= 0, f"synthetic.{name}={getattr(self, name)} must be >= 0")
+        _check(
+            self.hierarchy_branching >= 1,
+            f"synthetic.hierarchy_branching={self.hierarchy_branching} must be >= 1",
+        )
+        _check(self.eval_samples > 0, f"synthetic.eval_samples={self.eval_samples} must be > 0")
+        nodes = sum(
+            self.hierarchy_roots * self.hierarchy_branching**d for d in range(self.hierarchy_depth + 1)
+        )
+        _check(
+            self.hierarchy_roots == 0 or nodes <= self.n_features,
+            f"the hierarchy of synthetic.hierarchy_roots={self.hierarchy_roots}, hierarchy_branching="
+            f"{self.hierarchy_branching} and hierarchy_depth={self.hierarchy_depth} has {nodes} features, more "
+            f"than synthetic.n_features={self.n_features}",
+        )
+
+
 @dataclass
 class TrainJob:
     """Everything `train.py` needs: harvest, train, evaluate, then analyze into a dashboard."""
@@ -281,6 +374,8 @@ class TrainJob:
     eval: EvalConfig = field(default_factory=EvalConfig)
     analyze: AnalyzeConfig = field(default_factory=AnalyzeConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """The feature dictionary the activations come from when `data.path` is `synthetic` (`data=synthetic`)."""
     saes: list[dict[str, Any]] = field(default_factory=list)
     """Several SAEs from one harvest: each entry overrides fields of `sae` (e.g. `[{k: 16}, {k: 64}]`,
     `[{arch: topk}, {arch: jumprelu}]`, `[{hook: resid.6}, {hook: resid.15}]`); each is written to

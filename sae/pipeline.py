@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 
 from sae import analyze as an
-from sae import devices, formats, harvest, rundir, scan, site, stream, tracking
+from sae import devices, formats, harvest, rundir, scan, site, stream, synthetic, tracking
 from sae.cache import ActivationCache, write_cache
-from sae.config import AnalyzeConfig, AnalyzeJob, DataConfig, SAEConfig, TrainJob, sae_variants
+from sae.config import SYNTHETIC, AnalyzeConfig, AnalyzeJob, DataConfig, SAEConfig, TrainJob, sae_variants
 from sae.data import Contexts, check_held_out, packed_contexts
 from sae.evaluate import evaluate_sae, loss_recovered
 from sae.files import write_json
@@ -50,12 +50,14 @@ ANALYSIS_STATE = "analysis-state"
 
 
 def _check_k(sae: SAEConfig, d_in: int) -> None:
-    d_sae = sae.expansion_factor * d_in
+    d_sae = sae.width(d_in)
     if sae.k >= d_sae:
-        raise ValueError(
-            f"sae.k={sae.k} must be smaller than the number of latents d_sae={d_sae} "
-            f"(sae.expansion_factor={sae.expansion_factor} x d_in={d_in})"
+        how = (
+            f"sae.d_sae={d_sae}"
+            if sae.d_sae
+            else f"sae.expansion_factor={sae.expansion_factor} x d_in={d_in}"
         )
+        raise ValueError(f"sae.k={sae.k} must be smaller than the number of latents d_sae={d_sae} ({how})")
 
 
 def _locked(fn: Callable, lock: threading.Lock) -> Callable:
@@ -130,9 +132,6 @@ def _train_one(
         device = torch.device("cuda", torch.cuda.current_device())
     job = dataclasses.replace(cfg, sae=sae_cfg, saes=[], run_dir=str(final_dir), resume=False)
     checkpoint = out_dir / "checkpoint"
-    settings = rundir.training_settings(job)
-    saved = rundir.resumed_state(checkpoint, settings) if cfg.resume else {}
-    run = tracking.wandb_run(job, out_dir, saved.get("wandb_id")) if rank == 0 else tracking.NoRun()
     evaluate = None
     if cfg.eval.train_loss_contexts and rank == 0:
         loss = functools.partial(
@@ -148,24 +147,8 @@ def _train_one(
         evaluate = _locked(loss, s.lock)
     local_batch = cfg.train.batch_size // world
     depth = 2 if cfg.train.in_memory else max(2, cfg.train.buffer_tokens // 2 // local_batch)
-    ahead = stream.prefetch(batches, depth)
-    extra_state = {"settings": settings} | ({"wandb_id": run.id} if run.id else {})
-    exit_code = 0
-    try:
-        try:
-            sae = train(
-                sae_cfg,
-                cfg.train,
-                ahead,
-                log=tracking.logger(run) if rank == 0 else lambda m, s: None,
-                checkpoint_dir=checkpoint,
-                device=device,
-                evaluate=evaluate,
-                resume=cfg.resume,
-                extra_state=extra_state,
-            )
-        finally:
-            ahead.close()  # stops the producer before this thread runs the model
+    with _tracked(job, out_dir, cfg.resume, rank) as (run, extra_state):
+        sae = _fit(s, sae_cfg, batches, depth, run, checkpoint, device, evaluate, extra_state)
         held_out: list = []  # the held-out batches the evaluation harvests, analysed without a second forward
         if rank == 0:
             trained = {f"{k}_harvest_train": v for k, v in devices.peak_memory().items()}  # before evaluation
@@ -181,22 +164,78 @@ def _train_one(
         if rank != 0:
             return {}
         metrics |= trained | devices.peak_memory()
-        metrics["wall_seconds"] = round(time.time() - s.start, 1)
-        run.summary.update({f"eval/{k}": v for k, v in metrics.items()})
         meta = {"model": cfg.model.name, "hook": module, "d_in": d_in}
-        sae.save(out_dir, extra=meta | {"data": cfg.data.path, "context_size": cfg.data.context_size})
-        write_json(out_dir / rundir.RUN_JSON, dataclasses.asdict(job))
-        write_json(out_dir / "metrics.json", metrics)
+        _write_run(
+            s,
+            job,
+            sae,
+            run,
+            metrics,
+            out_dir,
+            meta | {"data": cfg.data.path, "context_size": cfg.data.context_size},
+        )
         if stats is not None:
             write_analysis(stats, sae, s.model, s.tokenizer, cfg.analyze, out_dir, meta)
             shutil.rmtree(state_dir)
         tracking.log_artifacts(run, out_dir)  # W&B copies the files now, before out_dir is renamed
+    return metrics
+
+
+@contextlib.contextmanager
+def _tracked(job: TrainJob, out_dir: Path, resume: bool, rank: int) -> Iterator[tuple[Any, dict]]:
+    """The W&B run of one SAE (continued where a resumed checkpoint logged to one; `NoRun` off rank 0) and
+    the extra state its checkpoints keep (the training settings a resume must match); the run is finished
+    on the way out, marked stopped when training was interrupted."""
+    settings = rundir.training_settings(job)
+    saved = rundir.resumed_state(out_dir / "checkpoint", settings) if resume else {}
+    run = tracking.wandb_run(job, out_dir, saved.get("wandb_id")) if rank == 0 else tracking.NoRun()
+    exit_code = 0
+    try:
+        yield run, {"settings": settings} | ({"wandb_id": run.id} if run.id else {})
     except Interrupted:
         exit_code = 1  # W&B marks the run as stopped, and continues it on resume
         raise
     finally:
         run.finish(exit_code=exit_code)
-    return metrics
+
+
+def _fit(
+    s: _Session,
+    sae_cfg: SAEConfig,
+    batches: Iterator[torch.Tensor],
+    depth: int,
+    run,
+    checkpoint: Path,
+    device: torch.device,
+    evaluate: Callable | None,
+    extra_state: dict,
+) -> SAE:
+    """`train` on `batches`, made in a background thread up to `depth` batches ahead."""
+    ahead = stream.prefetch(batches, depth)
+    try:
+        return train(
+            sae_cfg,
+            s.cfg.train,
+            ahead,
+            log=tracking.logger(run) if s.rank == 0 else lambda m, step: None,
+            checkpoint_dir=checkpoint,
+            device=device,
+            evaluate=evaluate,
+            resume=s.cfg.resume,
+            extra_state=extra_state,
+        )
+    finally:
+        ahead.close()  # stops the producer before this thread runs the model
+
+
+def _write_run(s: _Session, job: TrainJob, sae: SAE, run, metrics: dict, out_dir: Path, meta: dict) -> None:
+    """Writes the SAE, its job and its metrics (with the wall time so far) into `out_dir`; the metrics also
+    go to the W&B run's summary."""
+    metrics["wall_seconds"] = round(time.time() - s.start, 1)
+    run.summary.update({f"eval/{k}": v for k, v in metrics.items()})
+    sae.save(out_dir, extra=meta)
+    write_json(out_dir / rundir.RUN_JSON, dataclasses.asdict(job))
+    write_json(out_dir / "metrics.json", metrics)
 
 
 def _analysis(
@@ -348,6 +387,8 @@ def _run_training(cfg: TrainJob, final: Path, start: float, rank: int, world: in
         return json.loads((final / "metrics.json").read_text())
     if rank == 0:
         rundir.check_run_dir(cfg, final)
+    if cfg.data.path == SYNTHETIC:
+        return _run_synthetic(cfg, variants, final, start, rank, world)
     model, tokenizer = harvest.load_model(cfg.model)
     s = _Session(cfg, model, tokenizer, threading.Lock(), start, rank, world)
     default = harvest.resolve_module(model, cfg.model)
@@ -395,6 +436,92 @@ def _run_training(cfg: TrainJob, final: Path, start: float, rank: int, world: in
         + f"; of the whole run: host {devices.peak_memory()['peak_rss_gb']:.2f} GiB"
     )
     return results[variants[0].name] if len(variants) == 1 else results
+
+
+def _run_synthetic(
+    cfg: TrainJob, variants: list[SAEConfig], final: Path, start: float, rank: int, world: int
+) -> dict:
+    """`run_training` on activations drawn from the known dictionary `cfg.synthetic` (no model, no text):
+    each SAE trains on the same samples (`train.seed`) and is measured against the truth on fresh ones; the
+    dictionary is saved beside them (`synthetic.FILE`)."""
+    tmp = rundir.tmp_dir(final)
+    device = devices.resolve_device(cfg.model.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    for v in variants:
+        _check_k(v, cfg.synthetic.d_in)
+    features = synthetic.Features.make(cfg.synthetic).to(device)
+    s = _Session(cfg, None, None, threading.Lock(), start, rank, world)
+    if rank == 0:
+        rundir.prepare_tmp(cfg, tmp)
+    if world > 1:
+        dist.barrier()
+    with rundir.cleaned_up_on_failure(tmp, final, rank):
+        results = {}
+        for v, (out_dir, final_dir) in zip(variants, rundir.sae_dirs(tmp, final, variants)):
+            if cfg.resume and rundir.finished(out_dir, analyzed=False):  # before the interruption
+                results[v.name] = json.loads((out_dir / "metrics.json").read_text())
+            else:
+                results[v.name] = _train_synthetic(s, v, features, out_dir, final_dir, device)
+        if rank != 0:
+            return {}
+        if len(variants) > 1:
+            write_json(tmp / "metrics.json", results)
+        features.save(tmp / synthetic.FILE)
+        rundir.finish(tmp, final)
+    print(ground_truth_table(results if len(variants) > 1 else {variants[0].name: results[variants[0].name]}))
+    return results[variants[0].name] if len(variants) == 1 else results
+
+
+def _train_synthetic(
+    s: _Session, sae_cfg: SAEConfig, features: synthetic.Features, out_dir: Path, final_dir: Path, device
+) -> dict:
+    """Trains one SAE on samples of `features`, measures it against them, and writes its run directory."""
+    cfg, rank, world = s.cfg, s.rank, s.world
+    job = dataclasses.replace(cfg, sae=sae_cfg, saes=[], run_dir=str(final_dir), resume=False)
+    local_batch, tokens = cfg.train.batch_size // world, _share(cfg.train.tokens, world)
+    samples = synthetic.Samples(features, local_batch, tokens, cfg.train.seed, rank, world)
+    with _tracked(job, out_dir, cfg.resume, rank) as (run, extra_state):
+        sae = _fit(s, sae_cfg, samples, 2, run, out_dir / "checkpoint", device, None, extra_state)
+        if rank != 0:
+            return {}
+        truth = synthetic.ground_truth(
+            sae, features, cfg.synthetic.eval_samples, cfg.train.batch_size, cfg.train.seed
+        )
+        metrics = truth | devices.peak_memory()
+        meta = {"model": SYNTHETIC, "hook": None, "d_in": sae.d_in, "data": SYNTHETIC}
+        _write_run(s, job, sae, run, metrics, out_dir, meta)
+        tracking.log_artifacts(run, out_dir)
+    return metrics
+
+
+GROUND_TRUTH = (
+    ("MCC", "gt_mcc"),
+    ("F1", "gt_f1"),
+    ("precision", "gt_precision"),
+    ("recall", "gt_recall"),
+    ("uniqueness", "gt_uniqueness"),
+    ("splitting", "gt_splitting"),
+    ("absorption", "gt_absorption"),
+    ("EV", "explained_variance"),
+    ("FVU", "fvu"),
+    ("L0", "l0"),
+    ("dead", "dead_fraction"),
+)
+"""The columns of `ground_truth_table`: a heading and its key in metrics.json."""
+
+
+def ground_truth_table(results: dict[str, dict]) -> str:
+    """A markdown table of the ground-truth metrics of each named SAE."""
+    head = "| SAE | " + " | ".join(h for h, _ in GROUND_TRUTH) + " |"
+    rule = "|---" * (len(GROUND_TRUTH) + 1) + "|"
+    rows = [
+        f"| {name} | "
+        + " | ".join(f"{m[key]:.3f}" if key != "l0" else f"{m[key]:.1f}" for _, key in GROUND_TRUTH)
+        + " |"
+        for name, m in results.items()
+    ]
+    return "\n".join([head, rule, *rows])
 
 
 def _saelens_job(job: AnalyzeJob) -> tuple[SAE, TrainJob, str | None]:

@@ -33,7 +33,7 @@ from typing import Any
 
 from sae import harvest
 from sae.checkpoint import find_checkpoint
-from sae.config import SAEConfig, TrainJob, from_dict
+from sae.config import SYNTHETIC, SAEConfig, TrainJob, from_dict
 from sae.devices import resolve_device
 from sae.files import read_json, write_json
 from sae.model import CONFIG, SAE, WEIGHTS, read_config
@@ -70,7 +70,8 @@ def training_settings(job: TrainJob) -> dict:
     """What decides a run's training, flattened (`train.lr`: value): model, data, SAE and training settings.
     A resumed run must have the same; evaluation, analysis and logging settings may change."""
     flat = {}
-    for group in ("model", "data", "sae", "train"):
+    groups = ("model", "data", "sae", "train") + (("synthetic",) if job.data.path == SYNTHETIC else ())
+    for group in groups:
         for key, value in dataclasses.asdict(getattr(job, group)).items():
             flat[f"{group}.{key}"] = list(value) if isinstance(value, tuple) else value
     # log_every stays: the dead latents AuxK uses are refreshed at log steps.
@@ -450,6 +451,12 @@ def open_run(run_dir: str | Path, device: str | None = None, model: bool = True)
     job = read_job(path)
     if job is None:
         raise _no_run_json(path)
+    if job.data.path == SYNTHETIC:
+        raise ValueError(
+            f"run_dir={str(path)!r} holds an SAE trained on synthetic activations (data=synthetic): there is no "
+            "model or text to analyse it on; its ground-truth metrics are in metrics.json, and "
+            "`open_run(..., model=False)` opens the SAE alone"
+        )
     if device is not None:
         job.model = dataclasses.replace(job.model, device=device)
     lm, tokenizer = harvest.load_model(job.model)

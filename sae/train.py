@@ -130,7 +130,7 @@ def lr_factor(step: int, steps: int, warmup: int, decay_fraction: float) -> floa
 
 def build(sae_cfg: SAEConfig, d_in: int, seed: int = 0) -> SAE:
     """The untrained SAE a config describes, for activations of width d_in."""
-    d_sae = sae_cfg.expansion_factor * d_in
+    d_sae = sae_cfg.width(d_in)
     prefixes = tuple(sorted({max(1, round(f * d_sae)) for f in sae_cfg.prefixes}))
     return SAE(
         d_in,
@@ -679,7 +679,7 @@ def train(
 ) -> SAE:
     """Trains an SAE on any iterable of float activation batches [B, D] and returns it (taking raw inputs).
 
-    d_in comes from the first batch, d_sae = expansion_factor * d_in, the learning rate from d_sae unless
+    d_in comes from the first batch, d_sae = expansion_factor * d_in (or `sae_cfg.d_sae`), the learning rate from d_sae unless
     set. Training stops after `cfg.tokens` tokens or when `activations` ends, whichever is first. Every
     `cfg.eval_every` steps, `evaluate(reconstruct)` receives a function mapping raw activations [B, D] to
     reconstructions and returns metrics to log (e.g. the spliced-in loss on held-out tokens).

@@ -24,7 +24,8 @@ from sae.config import (
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml"))
+# data=synthetic is a global package (it sets the run directory and a matching SAE size): tested on its own.
+DATA = sorted(p.stem for p in (CONF / "data").glob("*.yaml") if p.stem != "synthetic")
 SAES = sorted(p.stem for p in (CONF / "sae").glob("*.yaml"))
 
 
@@ -76,6 +77,18 @@ def test_defaults_are_the_offline_demo():
     assert job.train.tokens == 2_500_000 and job.train.batch_size == 1024
     assert job.wandb.mode == "offline"
     assert job.run_dir == "runs/smollm2-135m-L15-topk-k32-x8"
+
+
+@pytest.mark.parametrize("sae", SAES)
+def test_data_synthetic_composes_with_every_architecture(sae):
+    job = train_job("data=synthetic", f"sae={sae}")
+    assert job.data.path == "synthetic" and job.do_analyze is False
+    assert (job.synthetic.n_features, job.synthetic.d_in) == (4096, 256)
+    assert job.sae.arch == yaml_values("sae", sae)["arch"]
+    assert (job.sae.k, job.sae.expansion_factor) == (12, 4)  # the synthetic size, over the architecture's
+    assert job.run_dir == f"runs/synthetic-{job.sae.arch}-k12"
+    job = train_job("data=synthetic", "sae.k=20", "synthetic.n_features=16384", "sae.d_sae=4096")
+    assert (job.sae.k, job.synthetic.n_features, job.sae.d_sae) == (20, 16384, 4096)
 
 
 def test_cli_overrides_land_in_the_dataclass():
@@ -135,6 +148,11 @@ def test_analyze_config_composes():
         ("saes=[{kk:3}]", "unknown keys ['kk']"),
         ("saes=[{k:16},{k:16}]", "more than once"),
         ("saes=[{k:0}]", "sae.k=0"),
+        ("sae.d_sae=1", "sae.d_sae=1"),
+        ("synthetic.p_min=0.5", "synthetic.p_min=0.5 and p_max=0.4"),
+        ("synthetic.hierarchy_roots=2000", "has 170000 features, more than synthetic.n_features=4096"),
+        ("synthetic.n_features=1", "synthetic.n_features=1"),
+        ("synthetic.noise=-1", "synthetic.noise=-1"),
     ],
 )
 def test_bad_values_are_named(override, words):
