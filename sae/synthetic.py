@@ -252,7 +252,7 @@ class Samples(Stream):
 def ground_truth(sae: SAE, features: Features, samples: int, batch_size: int, seed: int) -> dict[str, float]:
     """How well `sae` recovered `features`, on `samples` fresh samples (evaluation batches of the stream
     seeded `seed`, never trained on): `gt_mcc`, `gt_f1` / `gt_precision` / `gt_recall`, `gt_uniqueness`,
-    `gt_splitting`, `gt_absorption` (see `sae.metrics`), with the reconstruction's `fvu`,
+    `gt_splitting`, `gt_absorption` (see `sae.metrics`; `gt_absorption_pairs`, the (sample, parent) pairs it is over), with the reconstruction's `fvu`,
     `explained_variance`, `l0` and `dead_fraction` on the same samples, and the truth's own `gt_l0` and
     `gt_overlap` (`Features.overlap`)."""
     device = sae.W_dec.device
@@ -293,6 +293,7 @@ def ground_truth(sae: SAE, features: Features, samples: int, batch_size: int, se
     out |= {f"gt_{k}": v for k, v in metrics.detection(tp, fp, fn).items()}
     out |= {
         "gt_absorption": absorb.rate(),
+        "gt_absorption_pairs": absorb.pairs,
         "gt_l0": gt_l0 / n,
         "gt_overlap": features.overlap(),
         "fvu": (sums[0] / centered.clamp_min(1e-12)).item(),
