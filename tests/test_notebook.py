@@ -318,3 +318,7 @@ def test_notebook_runs_against_a_trained_run(tiny_run: Path, tmp_path: Path, mon
     assert top is not None
     assert any('class="sae-text"' in p and f"feature {top.group(1)}:" in p for p in pages)
     assert sum(">pos<" in p for p in pages) == 1  # the per-token table
+    tables = [o.get("data", {}).get("text/markdown", "") for o in outputs]
+    truth = next(t for t in tables if "| MCC |" in t)  # the ground-truth section
+    assert re.search(r"\| topk \| 0\.\d{3} \|", truth) and re.search(r"\| matryoshka \| 0\.\d{3} \|", truth)
+    assert "no absorption measured yet: python -m sae.absorption" in text
