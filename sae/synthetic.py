@@ -222,8 +222,10 @@ def seeded(seed: int, index: int, device: torch.device) -> torch.Generator:
 
 
 class Samples(Stream):
-    """[batch_size, D] activations drawn from `features` until `tokens`, batch after batch; under data
-    parallelism rank r of W draws batches r, r + W, ... Resumable: its state is the number of batches served."""
+    """[batch_size, D] activations drawn from `features` until `tokens`, batch after batch. Under data
+    parallelism, rank r of W serves rows [r * batch_size, (r + 1) * batch_size) of the global batch of
+    W * batch_size that one process would draw, so W processes train on the samples of one. Resumable: its
+    state is the number of batches served."""
 
     def __init__(
         self, features: Features, batch_size: int, tokens: int, seed: int, rank: int = 0, world: int = 1
@@ -240,12 +242,11 @@ class Samples(Stream):
         self._served = int(state["served"])
 
     def _run(self) -> Iterator[torch.Tensor]:
-        device = self.features.directions.device
-        while self._served * self.batch_size < self.tokens:
-            index = 2 * (self._served * self.world + self.rank)
-            x, _ = self.features.sample(self.batch_size, seeded(self.seed, index, device))
+        device, B = self.features.directions.device, self.batch_size
+        while self._served * B < self.tokens:
+            x, _ = self.features.sample(B * self.world, seeded(self.seed, 2 * self._served, device))
             self._served += 1
-            yield x
+            yield x[self.rank * B : (self.rank + 1) * B]
 
 
 @torch.no_grad()

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ROOT, process_env
+from conftest import ROOT, process_env, run_to_the_end
 
 from sae import metrics
 from sae.config import ARCHS, SAEConfig, SyntheticConfig, TrainConfig
@@ -140,8 +140,9 @@ def test_samples_are_seeded_resume_exactly_and_the_dictionary_round_trips(tmp_pa
     resumed.restore({"served": 4})
     assert all(torch.equal(a, b) for a, b in zip(whole[4:], resumed, strict=True))
     assert not torch.equal(next(iter(Samples(features, 64, 640, seed=4))), whole[0])
-    # Two ranks draw disjoint batches: rank 1 of 2 serves the second batch of one process.
-    assert torch.equal(next(iter(Samples(features, 64, 640, seed=3, rank=1, world=2))), whole[1])
+    # Two data-parallel ranks serve the halves of one process's batches.
+    halves = [list(Samples(features, 32, 320, seed=3, rank=r, world=2)) for r in (0, 1)]
+    assert all(torch.equal(torch.cat([a, b]), w) for a, b, w in zip(*halves, whole, strict=True))
     features.save(tmp_path / FILE)
     loaded = Features.load(tmp_path / FILE)
     assert loaded.cfg == SMALL and all(
@@ -215,3 +216,34 @@ def test_train_py_data_synthetic_runs_end_to_end_and_prints_the_ground_truth(tmp
     assert open_run(run_dir, model=False).sae.d_sae == 128
     again = subprocess.run([*cmd, "resume=true"], cwd=ROOT, env=process_env(), capture_output=True, text=True)
     assert again.returncode == 0 and "nothing to resume" in again.stdout
+
+
+def test_two_gloo_processes_under_torchrun_train_what_one_process_trains(tmp_path):
+    args = [
+        "data=synthetic",
+        "synthetic.n_features=256",
+        "synthetic.d_in=64",
+        "synthetic.hierarchy_roots=8",
+        "synthetic.hierarchy_branching=2",
+        "synthetic.hierarchy_depth=2",
+        "synthetic.eval_samples=2048",
+        "sae.k=5",
+        "sae.d_sae=128",
+        "train.tokens=20480",
+        "train.batch_size=512",
+        "train.precision=float32",
+        "wandb.mode=disabled",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_to_the_end([sys.executable, "train.py", *args, f"run_dir={one}"])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = run_to_the_end([*torchrun, "train.py", *args, f"run_dir={two}"])
+    assert proc.stdout.count("run directory:") == 1  # rank 0 reports
+    assert json.loads((two / "checkpoint" / "state.json").read_text())["world"] == 2
+    a, b = SAE.load(one), SAE.load(two)
+    for key, value in a.state_dict().items():
+        assert torch.allclose(value, b.state_dict()[key], atol=1e-4), key
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m1["gt_mcc"] == pytest.approx(m2["gt_mcc"], abs=1e-3) and m1["l0"] == pytest.approx(
+        m2["l0"], rel=1e-2
+    )
