@@ -24,6 +24,7 @@ SAE trained with the same `train.seed` sees the same samples. `ground_truth` mea
 the dictionary (`sae.metrics` defines each number).
 """
 
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 
 from sae import metrics
 from sae.config import SyntheticConfig, from_dict
@@ -143,18 +145,12 @@ class Features:
 
     def save(self, path: str | Path) -> None:
         """Writes the dictionary and its settings to the safetensors file `path`, atomically."""
-        import json
-
         meta = {"synthetic": json.dumps(asdict(self.cfg))}
         save_tensors(path, {k: v.contiguous().cpu() for k, v in self.tensors().items()}, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "Features":
         """The dictionary `save` wrote to `path`."""
-        import json
-
-        from safetensors import safe_open
-
         tensors = load_tensors(path, "synthetic dictionary")
         with safe_open(str(path), "pt") as f:
             cfg = from_dict(SyntheticConfig, json.loads(f.metadata()["synthetic"]))
