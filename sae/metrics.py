@@ -3,8 +3,9 @@
 Peers define these differently, so here is exactly what ours mean:
 - FVU, fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2, centered on the mean
   of the tokens evaluated. This is the number we optimise and report first (as sparsify does).
-- Explained variance, uncentered: 1 - sum ||x - x_hat||^2 / sum ||x||^2, what SAELens and SAEBench print.
-  It is higher than 1 - FVU whenever the activations have a non-zero mean.
+- Explained variance, uncentered: 1 - sum ||x - x_hat||^2 / sum ||x||^2, what SAELens' training logs and
+  SAEBench print. It is higher than 1 - FVU whenever the activations have a non-zero mean. (SAELens'
+  synthetic-data evaluation, and SynthSAEBench's published EV, is centered: 1 - FVU.)
 - L0: mean number of non-zero latents per token.
 - Dead fraction: latents that did not fire on any token of a span; dense fraction: latents firing on more
   than 10% of the tokens of a span.

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from sae import views
 from sae.dashboard import analysis_path
+from sae.files import read_json
 
 # Features per data/features-<n>.js, the file a feature page loads: 2.2 MB at 50 examples a feature, against
 # 9 MB for 1,024, which open in 0.4 s rather than 0.5 s; a 65,536-feature site holds 256 of them.
@@ -46,6 +47,13 @@ CHUNK = 256
 SNIPPET = (6, 2)  # tokens before and after the activating one in the index's one-line example
 TOP_TOKENS = 8  # distinct activating tokens per feature, searchable in the index
 UP_TOKENS = 5  # promoted tokens per feature, shown and searchable in the index
+# The run's headline metrics in the header, where metrics.json has them: (key, label, format).
+HEADLINE = (
+    ("fvu", "FVU", ".3f"),
+    ("l0", "L0", ".1f"),
+    ("loss_recovered", "loss recovered", ".3f"),
+    ("absorption_rate", "absorption rate", ".3f"),
+)
 
 Features = Iterable[tuple[dict, str]]
 """An analysis's features in order, each with its JSON text."""
@@ -57,7 +65,9 @@ def build_site(run_dir: str | Path, out: str | Path | None = None) -> Path:
     path = analysis_path(run_dir)
     meta: dict = {}
     out = Path(run_dir) / "dashboard" if out is None else Path(out)
-    return _replace_dir(out, lambda root: _write(root, meta, read_features(path, meta)))
+    metrics = Path(run_dir) / "metrics.json"
+    headline = read_json(metrics, "metrics file") if metrics.is_file() else {}
+    return _replace_dir(out, lambda root: _write(root, meta, read_features(path, meta), headline))
 
 
 def write_site(analysis: dict, out: str | Path) -> Path:
@@ -144,9 +154,9 @@ def _skip(text: str, i: int) -> int:
     return space.end() if space else i
 
 
-def _write(root: Path, meta: dict, features: Features) -> None:
+def _write(root: Path, meta: dict, features: Features, metrics: dict | None = None) -> None:
     """Writes the site into the new directory `root`: the chunks as the features stream by, then the index, the
-    names and the pages, whose header counts the features."""
+    names and the pages, whose header counts the features and shows the headline `metrics` (metrics.json)."""
     (root / "data").mkdir(parents=True)
     rows: list[list] = []
     names: list[list] = []
@@ -161,7 +171,7 @@ def _write(root: Path, meta: dict, features: Features) -> None:
             chunk = []
     if chunk:
         _write_chunk(root, len(names) // CHUNK, chunk)
-    summary = _summary(meta, len(rows), sum(row[1] <= 0 for row in rows))
+    summary = _summary(meta, len(rows), sum(row[1] <= 0 for row in rows), metrics or {})
     rows.sort(key=lambda row: (-row[2], row[0]))  # the list's first order, which it then need not sort
     files = {
         "site.css": _CSS,
@@ -246,13 +256,19 @@ def _spark(hist: object) -> str:
     return "".join("0123456789abcdefg"[round(16 * v / top)] for v in logs)
 
 
-def _summary(meta: dict, n: int, n_dead: int) -> str:
-    """The line atop every page: model, hook, SAE, tokens analysed, dead features."""
+def _summary(meta: dict, n: int, n_dead: int, metrics: dict) -> str:
+    """The line atop every page: model, hook, SAE, tokens analysed, dead features, and those of the `HEADLINE`
+    metrics that `metrics` holds as numbers."""
     a, esc = meta, html.escape
+    numbers = "".join(
+        f" · {label} {v:{fmt}}"
+        for key, label, fmt in HEADLINE
+        if isinstance(v := metrics.get(key), int | float) and not isinstance(v, bool) and math.isfinite(v)
+    )
     return (
         f"<strong>{esc(str(a['model']))}</strong> · hook {esc(str(a['hook']))}"
         f" · {esc(str(a.get('arch', 'topk')))} SAE, d_sae {a['d_sae']:,} (d_in {a['d_in']}, k {a['k']})"
-        f" · {a['n_tokens']:,} tokens · {n_dead:,} dead ({n_dead / max(n, 1):.1%})"
+        f" · {a['n_tokens']:,} tokens · {n_dead:,} dead ({n_dead / max(n, 1):.1%}){numbers}"
     )
 
 
