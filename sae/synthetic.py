@@ -266,7 +266,7 @@ def ground_truth(sae: SAE, features: Features, samples: int, batch_size: int, se
     tp, fp, fn = (torch.zeros(F_, device=device, dtype=torch.long) for _ in range(3))
     fired_count = torch.zeros(F_, device=device)
     n = l0 = gt_l0 = 0
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # sum |x - x_hat|^2, sum |x|^2, (running) x
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # sum |x - x_hat|^2, sum |x|^2
     x_sum = torch.zeros(features.directions.shape[1], dtype=torch.float64, device=device)
     for b in range(math.ceil(samples / batch_size)):
         m = min(batch_size, samples - b * batch_size)
